@@ -1,0 +1,420 @@
+"""Checkpoint I/O: Hugging Face <-> lit weight names, conversion both ways, and loading for inference.
+
+One table (WEIGHT_NAMES) says where each of our tensors lives in each of the three naming schemes
+Phi checkpoints have had on the Hub; both converters are driven by it.
+"""
+
+import io
+import json
+import pickle
+import shutil
+import sys
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+
+from lit_gpt.config import Config
+from lit_gpt.model import GPT
+from lit_gpt.utils import UserError, atomic_path, first_line
+
+SCHEMES = ("phi", "phi-msft", "mixformer-sequential")
+
+# lit name -> name in each scheme, in the order of SCHEMES. Placeholders: {i} block index,
+# {j} = i + 1 and {last} = n_layer + 1 (MixFormer is one flat Sequential: embedding, blocks, head),
+# {wb} expands to "weight" and "bias". A tuple holds q, k, v kept apart; a single qkv name holds
+# them concatenated as [q; k; v] on the output dim.
+WEIGHT_NAMES = [
+    ("transformer.wte.weight",
+     "model.embed_tokens.weight", "transformer.embd.wte.weight", "layers.0.wte.weight"),
+    ("transformer.h.{i}.norm_1.{wb}",
+     "model.layers.{i}.input_layernorm.{wb}", "transformer.h.{i}.ln.{wb}", "layers.{j}.ln.{wb}"),
+    ("transformer.h.{i}.attn.attn.{wb}",
+     ("model.layers.{i}.self_attn.q_proj.{wb}", "model.layers.{i}.self_attn.k_proj.{wb}",
+      "model.layers.{i}.self_attn.v_proj.{wb}"),
+     "transformer.h.{i}.mixer.Wqkv.{wb}", "layers.{j}.mixer.Wqkv.{wb}"),
+    ("transformer.h.{i}.attn.proj.{wb}",
+     "model.layers.{i}.self_attn.dense.{wb}", "transformer.h.{i}.mixer.out_proj.{wb}", "layers.{j}.mixer.out_proj.{wb}"),
+    ("transformer.h.{i}.mlp.fc.{wb}",
+     "model.layers.{i}.mlp.fc1.{wb}", "transformer.h.{i}.mlp.fc1.{wb}", "layers.{j}.mlp.fc1.{wb}"),
+    ("transformer.h.{i}.mlp.proj.{wb}",
+     "model.layers.{i}.mlp.fc2.{wb}", "transformer.h.{i}.mlp.fc2.{wb}", "layers.{j}.mlp.fc2.{wb}"),
+    ("transformer.ln_f.{wb}",
+     "model.final_layernorm.{wb}", "lm_head.ln.{wb}", "layers.{last}.ln.{wb}"),
+    ("lm_head.{wb}",
+     "lm_head.{wb}", "lm_head.linear.{wb}", "layers.{last}.linear.{wb}"),
+]
+
+# buffers some old checkpoints carry that are recomputed, not loaded
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def name_map(config: Config, scheme: str) -> dict[str, tuple[str, ...]]:
+    """Every lit tensor name -> its source name(s) in `scheme` (three names for q, k, v kept apart)."""
+    col = 1 + SCHEMES.index(scheme)
+    out: dict[str, tuple[str, ...]] = {}
+    for row in WEIGHT_NAMES:
+        lit, theirs = row[0], row[col]
+        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+        blocks = range(config.n_layer) if "{i}" in lit else [None]
+        kinds = ("weight", "bias") if "{wb}" in lit else [None]
+        for i in blocks:
+            for wb in kinds:
+                fmt = dict(i=i, j=None if i is None else i + 1, last=config.n_layer + 1, wb=wb)
+                out[lit.format(**fmt)] = tuple(t.format(**fmt) for t in theirs)
+    return out
+
+
+def detect_scheme(names: set[str]) -> str:
+    """Which naming scheme a checkpoint uses, from its tensor names alone."""
+    for scheme, marker in (("phi", "model.embed_tokens.weight"), ("phi-msft", "transformer.embd.wte.weight"),
+                           ("mixformer-sequential", "layers.0.wte.weight")):
+        if marker in names:
+            return scheme
+    sample = ", ".join(sorted(names)[:3])
+    raise UserError(f"the weights are not in any known Phi naming scheme (found e.g. {sample})")
+
+
+def qkv_to_lit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Config) -> torch.Tensor:
+    """Separate q, k, v (output-dim first) -> lit's fused layout, interleaved per query group."""
+    g, hs = config.n_query_groups, config.head_size
+    q = q.reshape(g, -1, hs, *q.shape[1:])
+    k = k.reshape(g, 1, hs, *k.shape[1:])
+    v = v.reshape(g, 1, hs, *v.shape[1:])
+    return torch.cat((q, k, v), dim=1).reshape(-1, *q.shape[3:])
+
+
+def lit_to_qkv(qkv: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, hs = config.n_query_groups, config.head_size
+    q_per_kv = config.n_head // g
+    grouped = qkv.reshape(g, q_per_kv + 2, hs, *qkv.shape[1:])
+    q, k, v = grouped.split((q_per_kv, 1, 1), dim=1)
+    rest = qkv.shape[1:]
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def expected_shapes(config: Config) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        return {k: v.shape for k, v in GPT(config).state_dict().items()}
+
+
+class WeightFiles:
+    """The tensors of a Hugging Face checkpoint directory, read one at a time from its weight files.
+
+    safetensors are preferred and memory-mapped; .bin files are only ever unpickled with
+    weights_only=True, so a checkpoint cannot run code.
+    """
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.files = find_weight_files(checkpoint_dir)
+        self.where: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}
+        for path in self.files:
+            for name in self._handle(path).keys():
+                self.where[name] = path
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            try:
+                if path.suffix == ".safetensors":
+                    from safetensors import safe_open
+
+                    self._open[path] = safe_open(str(path), framework="pt")
+                else:
+                    with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+                        warnings.simplefilter("ignore")
+                        self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise UserError(f"{path} holds more than tensors and was not loaded, as it could run code "
+                                f"({first_line(e)}); use a safetensors checkpoint instead")
+            except Exception as e:
+                raise UserError(f"{path} is truncated or corrupt ({first_line(e)}); "
+                                "delete it and download the checkpoint again")
+        return self._open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header (no data read)."""
+        handle = self._handle(self.where[name])
+        if hasattr(handle, "get_slice"):
+            return tuple(handle.get_slice(name).get_shape())
+        return tuple(handle[name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._handle(self.where[name])
+        try:
+            return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+        except Exception as e:
+            raise UserError(f"cannot read {name} from {self.where[name]} ({first_line(e)}); "
+                            "the file is corrupt: delete it and download the checkpoint again")
+
+
+def find_weight_files(checkpoint_dir: Path) -> list[Path]:
+    checkpoint_dir = Path(checkpoint_dir)
+    for pattern, index_name in (("*.safetensors", "model.safetensors.index.json"),
+                                ("*.bin", "pytorch_model.bin.index.json")):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise UserError(f"{index} is malformed ({e}); download the checkpoint again")
+            missing = [s for s in shards if not (checkpoint_dir / s).is_file()]
+            if missing:
+                raise UserError(f"shard {missing[0]} listed in {index.name} is missing from {checkpoint_dir}; "
+                                "run the download again to fetch it")
+            return [checkpoint_dir / s for s in shards]
+        files = sorted(p for p in checkpoint_dir.glob(pattern) if p.name != "training_args.bin")
+        if files:
+            return files
+    raise UserError(f"no weights (*.safetensors or *.bin) in {checkpoint_dir}; download them with "
+                    f"`python scripts/download.py --repo_id {hub_repo_id(checkpoint_dir)}`")
+
+
+def hub_repo_id(checkpoint_dir: Path) -> str:
+    """checkpoints/<org>/<name> -> "<org>/<name>" (what the download script takes)."""
+    parts = Path(checkpoint_dir).resolve().parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else "<org>/<name>"
+
+
+def convert_hf_checkpoint(
+    checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optional[str] = None, progress: bool = True
+) -> Path:
+    """Convert a Hugging Face Phi checkpoint in `checkpoint_dir` into lit_config.json + lit_model.pth.
+
+    Tensors are read, remapped and written one at a time, so memory stays near one tensor.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir} does not exist; download a checkpoint first with "
+                        "`python scripts/download.py --repo_id microsoft/phi-2`")
+    target_dtype = parse_dtype(dtype)
+    weights = WeightFiles(checkpoint_dir)
+
+    if model_name is not None:
+        config = Config.from_name(model_name)
+    elif (checkpoint_dir / "config.json").is_file():
+        config = Config.from_hf_config(checkpoint_dir / "config.json")
+    else:
+        raise UserError(f"{checkpoint_dir} has no config.json; pass --model_name (phi-1, phi-1_5 or phi-2)")
+
+    scheme = detect_scheme(set(weights.where))
+    names = name_map(config, scheme)
+    shapes = expected_shapes(config)
+    wanted = {n for sources in names.values() for n in sources}
+    for lit_name, sources in names.items():
+        for source in sources:
+            if source not in weights.where:
+                raise UserError(f"tensor {source} is missing from the checkpoint in {checkpoint_dir} "
+                                f"(expected for {config.n_layer} layers, scheme {scheme})")
+    unexpected = sorted(n for n in weights.where if n not in wanted and not n.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise UserError(f"unexpected tensor {unexpected[0]} in the checkpoint in {checkpoint_dir} "
+                        f"({len(unexpected)} in all); it does not match the config")
+    # check every shape from the file headers before writing anything
+    for lit_name, sources in names.items():
+        parts = [weights.shape(s) for s in sources]
+        fused = (sum(p[0] for p in parts), *parts[0][1:])  # q, k, v stack on the output dim
+        if any(p[1:] != parts[0][1:] for p in parts) or fused != tuple(shapes[lit_name]):
+            found = " + ".join(str(p) for p in parts)
+            raise UserError(f"{' + '.join(sources)} has shape {found} but the config needs {tuple(shapes[lit_name])} "
+                            f"for {lit_name}; the config.json does not match the weights")
+
+    def converted() -> Iterator[tuple[str, torch.Tensor]]:
+        for lit_name, sources in names.items():
+            parts = [weights.get(s) for s in sources]
+            if len(parts) == 1 and ".attn.attn." in lit_name:  # a fused [q; k; v]
+                parts = parts[0].split([config.n_head * config.head_size] + 2 * [config.n_query_groups * config.head_size])
+            tensor = qkv_to_lit(*parts, config) if len(parts) == 3 else parts[0]
+            yield lit_name, tensor.to(target_dtype) if target_dtype else tensor
+
+    out = checkpoint_dir / "lit_model.pth"
+    with atomic_path(out) as tmp:
+        with IncrementalTensorWriter(tmp) as writer:
+            for lit_name, tensor in _progress(converted(), len(names), "converting", progress):
+                writer.add(lit_name, tensor)
+        with atomic_path(checkpoint_dir / "lit_config.json") as tmp_config:
+            config.to_json(tmp_config)
+    return out
+
+
+def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
+    """Write a transformers-loadable directory (config.json, model.safetensors, tokenizer files)."""
+    from safetensors.torch import save_file
+
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    config = Config.from_json(checkpoint_dir / "lit_config.json")
+    state_dict = load_lit_state_dict(checkpoint_dir, config)
+
+    hf_state_dict = {}
+    for lit_name, targets in name_map(config, "phi").items():
+        tensor = state_dict[lit_name]
+        parts = lit_to_qkv(tensor, config) if len(targets) == 3 else (tensor,)
+        for target, part in zip(targets, parts):
+            hf_state_dict[target] = part.contiguous()
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output_dir / "model.safetensors") as tmp:
+        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
+    dtype = next(iter(state_dict.values())).dtype
+    with atomic_path(output_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
+    for name in TOKENIZER_FILES:
+        if (checkpoint_dir / name).is_file():
+            with atomic_path(output_dir / name) as tmp:
+                shutil.copyfile(checkpoint_dir / name, tmp)
+    return output_dir
+
+
+def hf_config_dict(config: Config, dtype: torch.dtype) -> dict:
+    """config.json for transformers' PhiForCausalLM (the current format)."""
+    return {
+        "architectures": ["PhiForCausalLM"],
+        "model_type": "phi",
+        "vocab_size": config.padded_vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "max_position_embeddings": config.block_size,
+        "partial_rotary_factor": config.rotary_percentage,
+        "rope_theta": float(config.rope_base),
+        "layer_norm_eps": config.norm_eps,
+        "hidden_act": "gelu_new",
+        "qk_layernorm": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch.Tensor]:
+    """lit_model.pth, memory-mapped (no copy of the weights in RAM until they are used), checked
+    tensor by tensor against what `config` needs."""
+    path = Path(checkpoint_dir) / "lit_model.pth"
+    if not path.is_file():
+        raise UserError(f"{path} is missing; convert the checkpoint first with "
+                        f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is truncated or corrupt ({first_line(e)}); convert the checkpoint again")
+    shapes = expected_shapes(config)
+    for name, tensor in state_dict.items():
+        if name not in shapes:
+            raise UserError(f"unexpected tensor {name} in {path}; it does not match lit_config.json")
+        if tensor.shape != shapes[name]:
+            raise UserError(f"{name} has shape {tuple(tensor.shape)} in {path} but lit_config.json needs "
+                            f"{tuple(shapes[name])}")
+    missing = [name for name in shapes if name not in state_dict]
+    if missing:
+        raise UserError(f"tensor {missing[0]} is missing from {path} ({len(missing)} in all); "
+                        "it does not match lit_config.json: convert the checkpoint again")
+    return state_dict
+
+
+def load_model(
+    checkpoint_dir: Path, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
+) -> GPT:
+    """Build a GPT from a converted checkpoint directory, without a second copy of the weights.
+
+    The model is created on the meta device and takes the memory-mapped tensors as they are
+    (on the CPU, in the checkpoint's dtype, the weights are read straight from the page cache).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    config = Config.from_json(checkpoint_dir / "lit_config.json")
+    state_dict = load_lit_state_dict(checkpoint_dir, config)
+    if dtype is not None or torch.device(device).type != "cpu":
+        state_dict = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+                      for k, v in state_dict.items()}
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.reset_rope_cache(torch.device(device))
+    return model.eval()
+
+
+def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    choices = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in choices:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(choices)}")
+    return choices[dtype]
+
+
+def _progress(items, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr)
+
+
+class IncrementalTensorWriter:
+    """Writes a torch.save-compatible state dict one tensor at a time.
+
+    torch.save pickles the whole dict at once, so every tensor would have to be in memory together.
+    Here each tensor's bytes go into the zip archive as soon as it is added; only small
+    placeholders are pickled at the end. The result loads with torch.load(weights_only=True, mmap=True).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.zip = torch._C.PyTorchFileWriter(str(path))
+        self.tensors: dict[str, _SavedTensor] = OrderedDict()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.storage_offset() != 0 or tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()  # a view into a bigger storage: write only its own bytes
+        key = str(len(self.tensors))
+        self.zip.write_record(f"data/{key}", tensor.untyped_storage(), tensor.nbytes)
+        self.tensors[name] = _SavedTensor(key, tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.numel())
+
+    def close(self) -> None:
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, obj):
+                if isinstance(obj, _SavedStorage):
+                    return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
+                return None
+
+        buf = io.BytesIO()
+        Pickler(buf, protocol=2).dump(self.tensors)
+        data = buf.getvalue()
+        self.zip.write_record("data.pkl", data, len(data))
+        self.zip.write_record(".format_version", "1", 1)
+        self.zip.write_record(".storage_alignment", "64", 2)
+        self.zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self.zip.write_end_of_file()
+
+    def __enter__(self) -> "IncrementalTensorWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.zip.write_end_of_file()  # close the file; the caller discards it
+
+
+class _SavedStorage:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int) -> None:
+        self.key, self.numel = key, numel
+        # the legacy typed-storage class (e.g. torch.BFloat16Storage) is how torch.save names dtypes
+        self.storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[dtype])
+
+
+class _SavedTensor:
+    def __init__(self, key, dtype, shape, stride, numel) -> None:
+        self.storage = _SavedStorage(key, dtype, numel)
+        self.shape, self.stride = shape, stride
+
+    def __reduce_ex__(self, protocol):
+        # unpickles as the tensor itself, exactly as torch.save writes tensors
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, self.stride, False, OrderedDict())

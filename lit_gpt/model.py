@@ -1,0 +1,191 @@
+"""The Phi model: a GPT with parallel attention + MLP blocks that read one shared LayerNorm.
+
+Read top to bottom: GPT -> Block -> CausalSelfAttention / MLP -> rotary helpers -> KVCache.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.config import Config
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        self.max_seq_length = config.block_size
+        self.reset_rope_cache()
+
+    def reset_rope_cache(self, device: Optional[torch.device] = None) -> None:
+        """(Re)compute the rotary tables; needed after building the model on the meta device."""
+        device = device or self.lm_head.weight.device
+        cos, sin = build_rope_cache(self.config.block_size, self.config.rope_n_elem, self.config.rope_base, device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def set_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_length: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Preallocate a key/value cache for `batch_size` sequences of up to `max_seq_length` tokens."""
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context {self.config.block_size}")
+        self.max_seq_length = max_seq_length
+        device = device or self.lm_head.weight.device
+        dtype = dtype or self.transformer.wte.weight.dtype
+        # a causal mask over the whole cache, for the compiled path that keeps shapes static
+        self.register_buffer(
+            "causal_mask",
+            torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril(),
+            persistent=False,
+        )
+        c = self.config
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits for token ids `idx` (B, T).
+
+        Without `input_pos`: a plain causal forward over positions 0..T-1 (training, scoring).
+        With `input_pos` (T positions): tokens are written into the KV cache at those positions and
+        attend to everything cached before them (prefill of a prompt or of a new chat turn, decode).
+        """
+        T = idx.size(1)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context {self.config.block_size}")
+            cos, sin = self.cos[:T], self.sin[:T]
+            attend = None
+        else:
+            cos, sin = self.cos[input_pos], self.sin[input_pos]
+            attend = self.attention_window(input_pos)
+
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, input_pos, attend)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def attention_window(self, input_pos: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
+        """How many cache slots the queries look at, and the mask over them (None: see all)."""
+        if torch.compiler.is_compiling():
+            # static shapes: attend over the whole cache, masked (one graph for every step)
+            return self.max_seq_length, self.causal_mask[input_pos]
+        # eager: read only the filled part of the cache (the positions are on the host for free on CPU;
+        # on GPU this is one tiny sync per step)
+        end = int(input_pos[-1]) + 1
+        if input_pos.numel() == 1:
+            return end, None
+        return end, self.causal_mask[input_pos, :end]
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.norm_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, input_pos, attend) -> torch.Tensor:
+        h = self.norm_1(x)
+        # parallel residual: attention and MLP both read the same normalized input
+        return x + self.attn(h, cos, sin, input_pos, attend) + self.mlp(h)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        # q, k and v fused in one matmul, laid out per query group: [q.. , k, v] for each group
+        # (lit-gpt's layout, so lit-gpt checkpoints load as they are)
+        qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
+        self.attn = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
+        self.config = config
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, input_pos, attend) -> torch.Tensor:
+        B, T, _ = x.shape
+        c = self.config
+        q_per_kv = c.n_head // c.n_query_groups
+        qkv = self.attn(x).view(B, T, c.n_query_groups, q_per_kv + 2, c.head_size)
+        q, k, v = qkv.split((q_per_kv, 1, 1), dim=3)
+        q = q.reshape(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.reshape(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        v = v.reshape(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+
+        q = apply_partial_rope(q, cos, sin, c.rope_n_elem)
+        k = apply_partial_rope(k, cos, sin, c.rope_n_elem)
+
+        scale = 1.0 / math.sqrt(c.head_size)
+        if input_pos is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q_per_kv > 1)
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
+            k, v = self.kv_cache.update(input_pos, k, v)
+            end, mask = attend
+            k, v = k[:, :, :end], v[:, :, :end]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q_per_kv > 1)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+def build_rope_cache(seq_len: int, n_elem: int, base: int, device: Optional[torch.device] = None):
+    """cos and sin tables of shape (seq_len, n_elem), float32, in the "rotate half" layout."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
+    """Rotate the first `n_elem` dims of each head (GPT-NeoX "rotate half"); the rest pass through."""
+    rot, rest = x[..., :n_elem], x[..., n_elem:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = n_elem // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, (B, n_query_groups, max_seq_length, head_size), written in place."""
+
+    def __init__(self, batch_size, n_groups, max_seq_length, head_size, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, n_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v

@@ -1,0 +1,149 @@
+"""Random-weight Phi checkpoints in the Hugging Face file layout, built with transformers itself.
+
+The renames to the two older schemes are written here by hand from the published module names,
+independently of lit_gpt's table, so a mistake in that table cannot hide itself in the tests.
+"""
+
+import json
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def tiny_hf_config(n_embd: int = 64, n_head: int = 4, n_layer: int = 2, rotary: float = 0.5,
+                   vocab_size: int = 51200, block_size: int = 128, intermediate_size: Optional[int] = None):
+    from transformers import PhiConfig
+
+    return PhiConfig(
+        vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=intermediate_size or 4 * n_embd,
+        num_hidden_layers=n_layer, num_attention_heads=n_head, max_position_embeddings=block_size,
+        partial_rotary_factor=rotary, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False,
+    )
+
+
+def random_hf_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A PhiForCausalLM whose every parameter (norms and biases too) is random, so all of them matter."""
+    from transformers import PhiForCausalLM
+
+    torch.manual_seed(seed)
+    model = PhiForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.02 if name.endswith("weight") and p.dim() == 2 else 0.1)
+    return model.to(dtype)
+
+
+def _to_msft(name: str, n_layer: int) -> str:
+    name = name.replace("model.embed_tokens.", "transformer.embd.wte.")
+    name = name.replace("model.final_layernorm.", "lm_head.ln.")
+    name = re.sub(r"^lm_head\.(weight|bias)$", r"lm_head.linear.\1", name)
+    name = name.replace("model.layers.", "transformer.h.")
+    name = name.replace(".input_layernorm.", ".ln.").replace(".self_attn.dense.", ".mixer.out_proj.")
+    return name
+
+
+def _to_mixformer(name: str, n_layer: int) -> str:
+    name = _to_msft(name, n_layer)
+    name = name.replace("transformer.embd.wte.", "layers.0.wte.")
+    name = re.sub(r"^transformer\.h\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + 1}.", name)
+    name = re.sub(r"^lm_head\.", f"layers.{n_layer + 1}.", name)
+    return name
+
+
+def hf_state_dict(model, scheme: str) -> dict[str, torch.Tensor]:
+    """The model's weights named as in `scheme`; the old schemes hold q, k, v in one Wqkv."""
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if scheme == "phi":
+        return sd
+    n_layer = model.config.num_hidden_layers
+    out = {}
+    for name in list(sd):
+        m = re.match(r"model\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", name)
+        if m:
+            i, wb = m.groups()
+            prefix = f"model.layers.{i}.self_attn."
+            out[f"transformer.h.{i}.mixer.Wqkv.{wb}"] = torch.cat(
+                [sd[f"{prefix}{p}_proj.{wb}"] for p in "qkv"], dim=0)
+        elif re.search(r"self_attn\.[kv]_proj", name):
+            continue
+        else:
+            out[_to_msft(name, n_layer)] = sd[name]
+    if scheme == "phi-msft":
+        return out
+    assert scheme == "mixformer-sequential"
+    return {_to_mixformer(k, n_layer): v for k, v in out.items()}
+
+
+def hf_config_json(config, scheme: str) -> dict:
+    if scheme == "phi":
+        return config.to_dict()
+    old = dict(
+        n_embd=config.hidden_size, n_head=config.num_attention_heads, n_layer=config.num_hidden_layers,
+        n_inner=None if config.intermediate_size == 4 * config.hidden_size else config.intermediate_size,
+        n_positions=config.max_position_embeddings, vocab_size=config.vocab_size,
+        rotary_dim=int(config.rope_parameters["partial_rotary_factor"] * config.hidden_size // config.num_attention_heads),
+        layer_norm_epsilon=config.layer_norm_eps, activation_function="gelu_new", tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    if scheme == "phi-msft":
+        return dict(old, model_type="phi-msft", architectures=["PhiForCausalLM"], n_head_kv=None,
+                    auto_map={"AutoModelForCausalLM": "modeling_phi.PhiForCausalLM"})
+    return dict(old, model_type="mixformer-sequential", architectures=["MixFormerSequentialForCausalLM"],
+                architecture={"block_cls": "parallel", "mixer": {}, "mlp": {"mlp_cls": "mlp"}})
+
+
+def save_weights(state_dict: dict[str, torch.Tensor], out_dir: Path, fmt: str, shards: int) -> None:
+    """Write weights as the Hub does: one file, or numbered shards plus an index."""
+    from safetensors.torch import save_file
+
+    names = list(state_dict)
+    ext, stem = (".safetensors", "model") if fmt == "safetensors" else (".bin", "pytorch_model")
+    if shards == 1:
+        files = {f"{stem}{ext}": names}
+    else:
+        per = -(-len(names) // shards)
+        files = {f"{stem}-{k + 1:05d}-of-{shards:05d}{ext}": names[k * per:(k + 1) * per] for k in range(shards)}
+    for fname, keys in files.items():
+        part = {k: state_dict[k] for k in keys}
+        if fmt == "safetensors":
+            save_file(part, str(out_dir / fname), metadata={"format": "pt"})
+        else:
+            torch.save(part, out_dir / fname)
+    if shards > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state_dict.values())},
+                 "weight_map": {k: f for f, keys in files.items() for k in keys}}
+        (out_dir / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2))
+
+
+def make_hf_checkpoint(
+    out_dir: Path,
+    config=None,
+    scheme: str = "phi",
+    formats: Sequence[str] = ("safetensors",),
+    shards: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+):
+    """Write a random Phi checkpoint (config.json, weights, tokenizer files) and return the HF model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = config or tiny_hf_config()
+    model = random_hf_model(config, seed=seed, dtype=dtype)
+    sd = hf_state_dict(model, scheme)
+    for fmt in formats:
+        save_weights(sd, out_dir, fmt, shards)
+    (out_dir / "config.json").write_text(json.dumps(hf_config_json(config, scheme), indent=2, default=str))
+    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
+    if tokenizer:
+        from lit_gpt.tokenizer import write_phi_tokenizer
+
+        write_phi_tokenizer(out_dir, DATA / "gpt2-bpe")
+    return model

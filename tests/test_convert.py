@@ -1,0 +1,304 @@
+"""Conversion both ways: bit-exact round trip, configs of every format, and every bad input."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_checkpoints import hf_config_json, make_hf_checkpoint, tiny_hf_config
+from lit_gpt.checkpoint import convert_hf_checkpoint, convert_lit_checkpoint, load_model
+from lit_gpt.config import Config
+from lit_gpt.utils import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def lit_outputs(d: Path) -> list[str]:
+    """Anything conversion may have written, finished or not."""
+    return sorted(p.name for p in d.iterdir() if p.name.startswith(("lit_", ".lit_")))
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("scheme", ["phi", "phi-msft", "mixformer-sequential"])
+def test_hf_lit_hf_round_trip_is_bit_exact(tmp_path, scheme):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    hf = make_hf_checkpoint(src, tiny_hf_config(n_embd=80, n_head=4, rotary=0.4), scheme=scheme, shards=2)
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(src))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(src), "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+
+    original = hf.state_dict()
+    written = load_file(out / "model.safetensors")
+    assert set(written) == set(original)
+    for name, tensor in original.items():
+        assert written[name].dtype == tensor.dtype
+        assert torch.equal(written[name], tensor), name
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning about the checkpoint fails the test
+        reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    idx = torch.randint(0, 51200, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(idx).logits, hf(idx).logits)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_dtype_option_casts_weights(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16", progress=False)
+    sd = torch.load(tmp_path / "lit_model.pth", mmap=True, weights_only=True)
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+
+
+def test_conversion_shows_progress(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "converting" in proc.stderr and "tensor" in proc.stderr
+    assert lit_outputs(tmp_path) == ["lit_config.json", "lit_model.pth"]
+
+
+# ---------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("scheme", ["phi", "phi-msft", "mixformer-sequential"])
+@pytest.mark.parametrize("name", ["phi-1", "phi-1_5", "phi-2"])
+def test_hf_config_of_every_format_gives_the_named_config(tmp_path, scheme, name):
+    named = Config.from_name(name)
+    hf = tiny_hf_config(n_embd=named.n_embd, n_head=named.n_head, n_layer=named.n_layer,
+                        rotary=named.rotary_percentage, block_size=2048, intermediate_size=named.intermediate_size)
+    data = hf_config_json(hf, scheme)
+    data["_name_or_path"] = f"microsoft/{name}"
+    (tmp_path / "config.json").write_text(json.dumps(data, default=str))
+    derived = Config.from_hf_config(tmp_path / "config.json")
+    assert derived.name == name
+    for field in ("n_layer", "n_head", "n_embd", "head_size", "n_query_groups", "rope_n_elem", "intermediate_size",
+                  "block_size", "padded_vocab_size", "norm_eps", "rope_base"):
+        assert getattr(derived, field) == getattr(named, field), field
+
+
+def test_phi2_config_json_as_published(tmp_path):
+    """The config.json microsoft/phi-2 ships today (transformers 4.37 era keys)."""
+    published = {
+        "architectures": ["PhiForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 50256, "embd_pdrop": 0.0,
+        "eos_token_id": 50256, "hidden_act": "gelu_new", "hidden_size": 2560, "initializer_range": 0.02,
+        "intermediate_size": 10240, "layer_norm_eps": 1e-05, "max_position_embeddings": 2048, "model_type": "phi",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4,
+        "qk_layernorm": False, "resid_pdrop": 0.1, "rope_scaling": None, "rope_theta": 10000.0,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.37.0", "use_cache": True,
+        "vocab_size": 51200,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    derived = Config.from_hf_config(tmp_path / "config.json")
+    named = Config.from_name("phi-2")
+    assert (derived.n_embd, derived.n_layer, derived.head_size, derived.rope_n_elem) == (2560, 32, 80, 32)
+    assert derived.intermediate_size == named.intermediate_size
+
+
+def test_lit_config_json_round_trip(tmp_path):
+    config = Config.from_name("phi-2")
+    config.to_json(tmp_path / "lit_config.json")
+    assert Config.from_json(tmp_path / "lit_config.json") == config
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_directory(tmp_path):
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "nope"))
+    assert_one_line_error(proc, "does not exist", "scripts/download.py")
+
+
+def test_directory_without_weights_names_the_download_command(tmp_path):
+    d = tmp_path / "microsoft" / "phi-2"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text("{}")
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(d))
+    assert_one_line_error(proc, "no weights", "python scripts/download.py --repo_id microsoft/phi-2")
+    assert lit_outputs(d) == []
+
+
+def test_unknown_model_name_lists_the_supported_ones(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--model_name", "phi-9")
+    assert_one_line_error(proc, "phi-9", "phi-1, phi-1_5, phi-2")
+    assert lit_outputs(tmp_path) == []
+
+
+def test_unknown_dtype(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--dtype", "int3")
+    assert_one_line_error(proc, "int3", "bfloat16")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_corrupt_weight_file_is_named(tmp_path, fmt, damage):
+    make_hf_checkpoint(tmp_path, formats=(fmt,), tokenizer=False)
+    path = tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    if damage == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+    else:
+        data = bytearray(path.read_bytes())
+        data[:64] = os.urandom(64)
+        path.write_bytes(bytes(data))
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, path.name, "download")
+    assert lit_outputs(tmp_path) == []
+
+
+def test_missing_shard_is_named(tmp_path):
+    make_hf_checkpoint(tmp_path, shards=2, tokenizer=False)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, "model-00002-of-00002.safetensors", "download")
+
+
+def _edit_weights(d: Path, edit) -> None:
+    path = d / "model.safetensors"
+    sd = load_file(path)
+    edit(sd)
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    _edit_weights(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.fc2.bias"))
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, "model.layers.1.mlp.fc2.bias", "missing")
+    assert lit_outputs(tmp_path) == []
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    _edit_weights(tmp_path, lambda sd: sd.update({"model.layers.2.mlp.fc1.weight": torch.zeros(4, 4)}))
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, "model.layers.2.mlp.fc1.weight", "unexpected")
+    assert lit_outputs(tmp_path) == []
+
+
+def test_shape_mismatch_is_found_before_anything_is_written(tmp_path):
+    """The LM head comes last in the file; its shape is checked from the header before any writing."""
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    _edit_weights(tmp_path, lambda sd: sd.update({"lm_head.bias": torch.zeros(100)}))
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, "lm_head.bias", "shape (100,)", "(51200,)")
+    assert lit_outputs(tmp_path) == []
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 100
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, "model.layers.0.mlp.fc1.weight", "does not match")
+
+
+class _RunsCode:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bin_checkpoint_cannot_run_code(tmp_path):
+    make_hf_checkpoint(tmp_path, formats=("bin",), tokenizer=False)
+    marker = tmp_path / "pwned"
+    sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    sd["evil"] = _RunsCode(str(marker))
+    torch.save(sd, tmp_path / "pytorch_model.bin", pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, "pytorch_model.bin", "could run code")
+    assert not marker.exists()
+    assert lit_outputs(tmp_path) == []
+
+
+def test_interrupted_conversion_leaves_no_model_file(tmp_path):
+    """Ctrl-C while tensors are being written: the temp file is removed, no lit_model.pth appears."""
+    import lit_gpt.checkpoint as checkpoint
+
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    calls = {"n": 0}
+    real_add = checkpoint.IncrementalTensorWriter.add
+
+    def add_then_interrupt(self, name, tensor):
+        real_add(self, name, tensor)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+
+    checkpoint.IncrementalTensorWriter.add = add_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert_hf_checkpoint(tmp_path, progress=False)
+    finally:
+        checkpoint.IncrementalTensorWriter.add = real_add
+    assert calls["n"] == 5
+    assert lit_outputs(tmp_path) == []
+
+
+def test_lit_checkpoint_without_config(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, progress=False)
+    (tmp_path / "lit_config.json").unlink()
+    out = tmp_path / "out"
+    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
+    assert_one_line_error(proc, "lit_config.json", "missing")
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"n_embd": "wide"}', "[1, 2]"])
+def test_lit_checkpoint_with_malformed_config(tmp_path, content):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, progress=False)
+    (tmp_path / "lit_config.json").write_text(content)
+    out = tmp_path / "out"
+    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
+    assert_one_line_error(proc, "lit_config.json", "malformed")
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(UserError, match="malformed"):
+        load_model(tmp_path)
+
+
+def test_lit_checkpoint_that_does_not_match_its_config(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, progress=False)
+    config = json.loads((tmp_path / "lit_config.json").read_text())
+    config["n_layer"] = 3
+    (tmp_path / "lit_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="transformer.h.2"):
+        load_model(tmp_path)
+    out = tmp_path / "out"
+    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
+    assert_one_line_error(proc, "transformer.h.2", "missing")
+    assert not (out / "model.safetensors").exists()

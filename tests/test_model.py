@@ -1,0 +1,65 @@
+"""Our GPT against transformers' PhiForCausalLM: same logits from every checkpoint naming scheme."""
+
+import pytest
+import torch
+
+from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
+from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+
+# (n_embd, n_head, rotary share): head sizes 16, 20, 32 and 80; rotary dims 8, 8, 32 and 32
+SHAPES = [(64, 4, 0.5), (80, 4, 0.4), (96, 3, 1.0), (160, 2, 0.4)]
+SCHEMES = ["phi", "phi-msft", "mixformer-sequential"]
+
+
+@pytest.fixture(scope="module", params=[(s, scheme) for s in SHAPES for scheme in SCHEMES],
+                ids=lambda p: f"{p[0][0]}x{p[0][1]}-rot{p[0][2]}-{p[1]}")
+def pair(request, tmp_path_factory):
+    (n_embd, n_head, rotary), scheme = request.param
+    d = tmp_path_factory.mktemp("ckpt")
+    config = tiny_hf_config(n_embd=n_embd, n_head=n_head, rotary=rotary, n_layer=2)
+    hf = make_hf_checkpoint(d, config, scheme=scheme, tokenizer=False)
+    convert_hf_checkpoint(d, progress=False)
+    return hf, load_model(d)
+
+
+@pytest.mark.parametrize("length", [1, 7, 23])
+def test_full_forward_matches_transformers(pair, length):
+    hf, ours = pair
+    idx = torch.randint(0, 51200, (2, length))
+    with torch.no_grad():
+        expected = hf(idx).logits
+        actual = ours(idx)
+    assert actual.shape == expected.shape == (2, length, 51200)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5])
+def test_kv_cache_decoding_matches_transformers(pair, prompt_len):
+    hf, ours = pair
+    total = 24
+    idx = torch.randint(0, 51200, (2, total))
+    ours.set_kv_cache(batch_size=2, max_seq_length=32)
+    with torch.no_grad():
+        expected = hf(idx).logits
+        steps = [ours(idx[:, :prompt_len], torch.arange(prompt_len))]
+        for t in range(prompt_len, total):
+            steps.append(ours(idx[:, t:t + 1], torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-5, rtol=0)
+
+
+def test_prefill_on_top_of_cache_matches_full_forward(pair):
+    """A second prompt prefilled after a first one (a new chat turn) sees the whole history."""
+    hf, ours = pair
+    idx = torch.randint(0, 51200, (1, 20))
+    ours.set_kv_cache(batch_size=1, max_seq_length=32)
+    with torch.no_grad():
+        expected = hf(idx).logits
+        first = ours(idx[:, :8], torch.arange(8))
+        second = ours(idx[:, 8:], torch.arange(8, 20))
+    torch.testing.assert_close(torch.cat((first, second), dim=1), expected, atol=1e-5, rtol=0)
+
+
+def test_cache_rejects_context_beyond_block_size(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        ours.set_kv_cache(batch_size=1, max_seq_length=ours.config.block_size + 1)
