@@ -11,6 +11,7 @@ import shutil
 import sys
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -106,51 +107,62 @@ def expected_shapes(config: Config) -> dict[str, torch.Size]:
 class WeightFiles:
     """The tensors of a Hugging Face checkpoint directory, read one at a time from its weight files.
 
-    safetensors are preferred and memory-mapped; .bin files are only ever unpickled with
-    weights_only=True, so a checkpoint cannot run code.
+    Files are memory-mapped (safetensors, or .bin zip archives) but each read opens its own mapping,
+    which goes away with the tensor: a mapping held for the whole run would count every page read
+    so far as resident, and peak memory would grow to the size of the model. .bin files are only
+    ever unpickled with weights_only=True, so a checkpoint cannot run code.
     """
 
     def __init__(self, checkpoint_dir: Path) -> None:
         self.files = find_weight_files(checkpoint_dir)
         self.where: dict[str, Path] = {}
-        self._open: dict[Path, object] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # from the file headers, no data read
         for path in self.files:
-            for name in self._handle(path).keys():
-                self.where[name] = path
-
-    def _handle(self, path: Path):
-        if path not in self._open:
-            try:
-                if path.suffix == ".safetensors":
-                    from safetensors import safe_open
-
-                    self._open[path] = safe_open(str(path), framework="pt")
-                else:
-                    with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
-                        warnings.simplefilter("ignore")
-                        self._open[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise UserError(f"{path} holds more than tensors and was not loaded, as it could run code "
-                                f"({first_line(e)}); use a safetensors checkpoint instead")
-            except Exception as e:
-                raise UserError(f"{path} is truncated or corrupt ({first_line(e)}); "
-                                "delete it and download the checkpoint again")
-        return self._open[path]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The tensor's shape, from the file's header (no data read)."""
-        handle = self._handle(self.where[name])
-        if hasattr(handle, "get_slice"):
-            return tuple(handle.get_slice(name).get_shape())
-        return tuple(handle[name].shape)
+            with self._open(path) as tensors:
+                for name in tensors.keys():
+                    self.where[name] = path
+                    self.shapes[name] = tensors.shape(name)
 
     def get(self, name: str) -> torch.Tensor:
-        handle = self._handle(self.where[name])
         try:
-            return handle.get_tensor(name) if hasattr(handle, "get_tensor") else handle[name]
+            with self._open(self.where[name]) as tensors:
+                return tensors.get(name)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"cannot read {name} from {self.where[name]} ({first_line(e)}); "
                             "the file is corrupt: delete it and download the checkpoint again")
+
+    @contextmanager
+    def _open(self, path: Path) -> Iterator["_Tensors"]:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                handle = safe_open(str(path), framework="pt")
+                yield _Tensors(handle.keys, lambda n: handle.get_slice(n).get_shape(), handle.get_tensor)
+            else:
+                with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+                    warnings.simplefilter("ignore")
+                    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                yield _Tensors(sd.keys, lambda n: sd[n].shape, sd.__getitem__)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{path} holds more than tensors and was not loaded, as it could run code "
+                            f"({first_line(e)}); use a safetensors checkpoint instead")
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path} is truncated or corrupt ({first_line(e)}); "
+                            "delete it and download the checkpoint again")
+
+
+class _Tensors:
+    """The three things read from an open weight file, whatever its format."""
+
+    def __init__(self, keys, shape, get) -> None:
+        self.keys = keys
+        self.shape = lambda name: tuple(shape(name))
+        self.get = get
 
 
 def find_weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -217,7 +229,7 @@ def convert_hf_checkpoint(
                         f"({len(unexpected)} in all); it does not match the config")
     # check every shape from the file headers before writing anything
     for lit_name, sources in names.items():
-        parts = [weights.shape(s) for s in sources]
+        parts = [weights.shapes[s] for s in sources]
         fused = (sum(p[0] for p in parts), *parts[0][1:])  # q, k, v stack on the output dim
         if any(p[1:] != parts[0][1:] for p in parts) or fused != tuple(shapes[lit_name]):
             found = " + ".join(str(p) for p in parts)

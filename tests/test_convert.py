@@ -302,3 +302,45 @@ def test_lit_checkpoint_that_does_not_match_its_config(tmp_path):
     proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
     assert_one_line_error(proc, "transformer.h.2", "missing")
     assert not (out / "model.safetensors").exists()
+
+
+MEASURE_PEAK = """
+import re, sys
+sys.path.insert(0, {root!r})
+import torch
+from lit_gpt.checkpoint import convert_hf_checkpoint, expected_shapes
+from lit_gpt.config import Config
+
+expected_shapes(Config(n_layer=1, n_embd=8, n_head=1))  # one-time lazy imports (~80 MB) are not conversion memory
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to what is resident now
+before = status("VmRSS")
+if sys.argv[1] == "convert":
+    convert_hf_checkpoint(sys.argv[2], progress=False)
+else:  # control: reading the whole model must show up, or the measurement means nothing
+    sd = torch.load(sys.argv[2] + "/lit_model.pth", weights_only=True)
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_conversion_memory_stays_near_one_tensor(tmp_path, fmt):
+    """Peak resident memory grows by a small part of the model, not by the model (300 MB here)."""
+    config = tiny_hf_config(n_embd=512, n_head=8, n_layer=24, vocab_size=1024)
+    make_hf_checkpoint(tmp_path, config, formats=(fmt,), shards=2, tokenizer=False)
+    model_bytes = sum(p.stat().st_size for p in tmp_path.glob(f"*.{fmt}"))
+    assert model_bytes > 280e6
+
+    def grown(mode: str) -> int:
+        script = MEASURE_PEAK.format(root=str(ROOT))
+        return int(subprocess.run([sys.executable, "-c", script, mode, str(tmp_path)],
+                                  capture_output=True, text=True, check=True).stdout)
+
+    converting = grown("convert")
+    assert (tmp_path / "lit_model.pth").stat().st_size >= model_bytes * 0.99
+    assert grown("control") > model_bytes * 0.9
+    print(f"{fmt}: peak RSS grew by {converting / 1e6:.1f} MB converting {model_bytes / 1e6:.0f} MB")
+    assert converting < model_bytes / 10
