@@ -1,0 +1,367 @@
+"""Sampling and generation: greedy equals transformers, the sampler's distribution, stops, streaming, the script."""
+
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_checkpoints import hf_state_dict, make_hf_checkpoint, save_weights, tiny_hf_config
+from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+from lit_gpt.generate import (
+    Completion, choose_device, cpu_supports_bf16, generate, generate_tokens, make_generator, sample, stream, unescape,
+)
+from lit_gpt.prompts import STYLES, get_style, style_for_checkpoint
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK = 128
+EOS = 50256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the machine's cores are shared: tiny ops on 2 threads mostly wait on each other
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lively_checkpoint(d: Path, block_size: int):
+    """A random checkpoint whose next token depends on the context.
+
+    With make_hf_checkpoint's weights as they are, the LM head's bias dominates and greedy decoding
+    repeats one token forever, which would make greedy comparisons and stop tests say little. Larger
+    matrices (x3) and LM head (x5 more) give varied text. Returns the transformers model.
+    """
+    hf = make_hf_checkpoint(d, tiny_hf_config(block_size=block_size))
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(3)
+        hf.lm_head.weight.mul_(5)
+    save_weights(hf_state_dict(hf, "phi"), d, "safetensors", 1)
+    convert_hf_checkpoint(d, progress=False)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen") / "phi-2"
+    hf = lively_checkpoint(d, BLOCK)
+    return d, hf, load_model(d), Tokenizer(d)
+
+
+def greedy_hf(hf, idx: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
+                          min_new_tokens=n, pad_token_id=EOS)
+    return out[:, idx.size(1):]
+
+
+# --- greedy decoding equals transformers ---
+
+@pytest.mark.parametrize("prompt_len", [1, 6, 29])
+def test_greedy_matches_transformers(ckpt, prompt_len):
+    _, hf, model, _ = ckpt
+    torch.manual_seed(prompt_len)
+    prompt = torch.randint(0, 50000, (prompt_len,))
+    ours = torch.stack(list(generate_tokens(model, prompt, prompt_len + 32, temperature=0.0)), dim=1)
+    expected = greedy_hf(hf, prompt[None], 32)
+    assert ours.shape == (1, 32)
+    assert ours.tolist() == expected.tolist()
+
+
+def test_greedy_batch_matches_transformers(ckpt):
+    _, hf, model, tokenizer = ckpt
+    prompts = torch.randint(0, 50000, (3, 9))  # three different prompts of one length: no padding needed
+    ours = torch.stack(list(generate_tokens(model, prompts, 9 + 32, temperature=0.0)), dim=1)
+    assert ours.tolist() == greedy_hf(hf, prompts, 32).tolist()
+
+    # num_samples copies of one prompt, through the text layer: every sample is transformers' greedy output
+    prompt = tokenizer.encode("Alice: hello\nBob:")
+    completions = generate(model, tokenizer, prompt, len(prompt) + 32, num_samples=3, temperature=0.0,
+                           ignore_eos=True)
+    expected = greedy_hf(hf, prompt[None], 32)[0].tolist()
+    assert [c.ids for c in completions] == [expected] * 3
+    assert all(c.finish_reason == "length" and c.text == tokenizer.decode(expected) for c in completions)
+
+
+def test_generate_continues_a_cache(ckpt):
+    """start_pos: a second prompt prefilled on top of the first equals one generation over both."""
+    _, _, model, _ = ckpt
+    a, b = torch.randint(0, 50000, (7,)), torch.randint(0, 50000, (5,))
+    whole = torch.stack(list(generate_tokens(model, torch.cat((a, b)), 12 + 10, temperature=0.0)), dim=1)
+    model.set_kv_cache(1, max_seq_length=BLOCK)
+    for _ in generate_tokens(model, a, 8, temperature=0.0):  # one step: only the prefill of `a` enters the cache
+        break
+    cont = torch.stack(list(generate_tokens(model, b, 5 + 10, start_pos=7, temperature=0.0)), dim=1)
+    assert cont.tolist() == whole.tolist()
+
+
+# --- the sampler draws from the truncated, renormalised distribution ---
+
+def expected_distribution(logits: list[float], temperature: float, top_k, top_p: float) -> list[float]:
+    """Written independently of `sample`: plain Python over a small vocabulary."""
+    scaled = [x / temperature for x in logits]
+    order = sorted(range(len(scaled)), key=lambda i: -scaled[i])
+    keep = order[:top_k] if top_k else order
+    z = sum(math.exp(scaled[i]) for i in keep)
+    p = {i: math.exp(scaled[i]) / z for i in keep}
+    nucleus, mass = [], 0.0
+    for i in keep:  # most likely first; stop once the kept mass reaches top_p
+        if mass >= top_p:
+            break
+        nucleus.append(i)
+        mass += p[i]
+    total = sum(p[i] for i in nucleus)
+    return [p[i] / total if i in nucleus else 0.0 for i in range(len(logits))]
+
+
+def chi2_bound(df: int, z: float = 4.5) -> float:
+    """Wilson-Hilferty: the chi-square quantile ~ z standard deviations up (z=4.5: p ~ 3e-6)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, None, 1.0), (0.7, None, 1.0), (1.0, 4, 1.0), (1.5, 5, 1.0),
+    (1.0, None, 0.6), (0.8, None, 0.9), (1.3, 6, 0.7), (1.0, 3, 0.5),
+])
+def test_sample_distribution(temperature, top_k, top_p):
+    torch.manual_seed(1)
+    logits = (torch.randn(12) * 1.5).tolist()
+    probs = expected_distribution(logits, temperature, top_k, top_p)
+    n = 40_000
+    draws = sample(torch.tensor([logits] * n), temperature, top_k, top_p, make_generator(torch.device("cpu"), 3))
+    counts = Counter(draws.tolist())
+    kept = [i for i, p in enumerate(probs) if p > 0]
+    assert set(counts) <= set(kept), "drew a token outside the top-k / top-p set"
+    chi2 = sum((counts.get(i, 0) - n * probs[i]) ** 2 / (n * probs[i]) for i in kept)
+    if len(kept) > 1:
+        assert chi2 < chi2_bound(len(kept) - 1), (chi2, probs, counts)
+    else:
+        assert counts[kept[0]] == n
+
+
+def test_sample_greedy_and_shapes():
+    logits = torch.randn(4, 3, 50)
+    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+    assert torch.equal(sample(logits, 1.0, top_k=1), logits.argmax(-1))
+    assert sample(logits, 0.9, 10, 0.9).shape == (4, 3)
+    for bad in (dict(temperature=-1.0), dict(temperature=1.0, top_k=0), dict(temperature=1.0, top_p=0.0),
+                dict(temperature=1.0, top_p=1.5)):
+        with pytest.raises(UserError):
+            sample(logits, **bad)
+
+
+def test_fixed_seed_reproduces_a_run(ckpt):
+    _, _, model, tokenizer = ckpt
+    prompt = tokenizer.encode("Instruct: say something\nOutput:")
+
+    def run(seed):
+        gen = make_generator(torch.device("cpu"), seed)
+        return [c.ids for c in generate(model, tokenizer, prompt, len(prompt) + 40, num_samples=2,
+                                        temperature=1.0, top_k=50, top_p=0.95, generator=gen, ignore_eos=True)]
+
+    first = run(42)
+    assert first == run(42)
+    assert first != run(43)
+    assert first[0] != first[1]  # the samples of a batch differ
+
+
+def test_context_limits(ckpt):
+    _, _, model, tokenizer = ckpt
+    prompt = torch.randint(0, 50000, (20,))
+    with pytest.raises(UserError, match="exceed the model's context of 128 tokens"):
+        next(generate_tokens(model, prompt, BLOCK + 1))
+    with pytest.raises(UserError, match="the prompt is 128 tokens"):
+        next(generate_tokens(model, torch.randint(0, 50000, (BLOCK,)), BLOCK))
+    assert len(list(generate_tokens(model, prompt, BLOCK, temperature=0.0))) == BLOCK - 20  # the very end is fine
+
+
+# --- stop sequences and streaming text ---
+
+def feed(tokenizer, text: str, stops=(), eos=None, extra=()) -> tuple[list[str], Completion]:
+    c = Completion(tokenizer, stops, eos)
+    deltas = [c.add(i) for i in tokenizer.encode(text).tolist() + list(extra)]
+    deltas.append(c.finish())
+    return deltas, c
+
+
+def test_stop_sequence_split_across_tokens_is_never_released(ckpt):
+    *_, tokenizer = ckpt
+    # "Instruct" + ":" are two tokens; the stop is only certain when ":" arrives
+    deltas, c = feed(tokenizer, "Sure, here.\nInstruct: next", STYLES["phi-2"].stop_sequences)
+    assert c.text == "".join(deltas) == "Sure, here.\n"
+    assert c.finish_reason == "stop"
+    # a false start is held back, then released once it cannot be a stop any more
+    deltas, c = feed(tokenizer, "Read.\nInstructions follow", ["Instruct:"])
+    assert deltas == ["Read", ".", "\n", "", "Instructions", " follow", ""] and c.finish_reason == "length"
+    # a stop that starts and ends inside tokens
+    deltas, c = feed(tokenizer, "Sure, here.\nInstruct: next", ["ruct: ne"])
+    assert "".join(deltas) == "Sure, here.\nInst"
+    # held-back text that never became a stop is released at the end
+    deltas, c = feed(tokenizer, "The end. Instr", ["Instruct:"])
+    assert "".join(deltas) == "The end. Instr" and c.finish_reason == "length"
+    # eos ends a sample and is never printed
+    deltas, c = feed(tokenizer, "bye", eos=EOS, extra=[EOS, 1000])
+    assert "".join(deltas) == "bye" and c.finish_reason == "eos" and c.ids[-1] == EOS
+
+
+def test_emoji_and_cjk_stream_intact(ckpt):
+    *_, tokenizer = ckpt
+    text = "日本語のテキスト 😀🎉 ok"
+    deltas, c = feed(tokenizer, text)
+    assert "".join(deltas) == text
+    assert "" in deltas[:-1]  # some tokens carry only part of a character: nothing is released for them
+    assert all("\ufffd" not in d for d in deltas)
+    # a stop sequence inside a run of multi-byte characters
+    deltas, c = feed(tokenizer, text, ["🎉"])
+    assert "".join(deltas) == "日本語のテキスト 😀" and c.finish_reason == "stop"
+
+
+def test_model_output_stop_cut_end_to_end(ckpt):
+    """A stop sequence the model really produces, across a token boundary, is cut from the stream."""
+    _, _, model, tokenizer = ckpt
+    prompt = tokenizer.encode("Alice: tell me a story\nBob:")
+    kwargs = dict(temperature=1.0, top_k=100, ignore_eos=True)
+    [c] = generate(model, tokenizer, prompt, len(prompt) + 40, generator=make_generator(torch.device("cpu"), 5),
+                   **kwargs)
+    ids, text = c.ids, c.text
+    assert text == tokenizer.decode(ids)
+    # a stop from the middle of token i to the middle of token i + 1
+    for i in range(2, len(ids) - 1):
+        a, mid, b = (len(tokenizer.decode(ids[:j])) for j in (i, i + 1, i + 2))
+        if mid - a >= 2 and b - mid >= 2 and tokenizer.decode(ids[:i + 2]) == text[:b]:
+            stop = text[a + 1:b - 1]
+            if text.find(stop) == a + 1:
+                break
+    else:
+        pytest.fail("no suitable stop in the generated text")
+    deltas = []
+    for completions in stream(model, tokenizer, prompt, len(prompt) + 40, stop_sequences=[stop],
+                              generator=make_generator(torch.device("cpu"), 5), **kwargs):
+        deltas.append(completions[0].delta)
+    assert "".join(deltas) == text[:a + 1]
+    assert completions[0].finish_reason == "stop"
+    assert len(completions[0].ids) == i + 2  # stopped as soon as the stop was complete
+
+
+def test_batch_samples_stop_separately(ckpt):
+    _, _, model, tokenizer = ckpt
+    prompt = tokenizer.encode("Once upon a time")
+    gen = make_generator(torch.device("cpu"), 0)
+    [c] = generate(model, tokenizer, prompt, len(prompt) + 30, temperature=0.0, ignore_eos=True)
+    stop = tokenizer.decode(c.ids[10:12])  # greedy sample 0 hits this at step 12; sampled ones won't
+    completions = generate(model, tokenizer, prompt, len(prompt) + 30, num_samples=3, temperature=0.0,
+                           stop_sequences=[stop], ignore_eos=True, generator=gen)
+    assert all(x.finish_reason == "stop" and x.text == c.text[:c.text.find(stop)] for x in completions)
+    # sampled: each sample stops at its own first "e", the others go on
+    sampled = generate(model, tokenizer, prompt, len(prompt) + 30, num_samples=4, temperature=1.0,
+                       stop_sequences=["e"], ignore_eos=True, generator=gen)
+    for x in sampled:
+        assert "e" not in x.text
+        if x.finish_reason == "stop":
+            assert "e" in tokenizer.decode(x.ids) and "e" not in tokenizer.decode(x.ids[:-1])
+        else:
+            assert x.finish_reason == "length" and len(x.ids) == 30 and "e" not in tokenizer.decode(x.ids)
+    assert len({len(x.ids) for x in sampled}) > 1
+
+
+# --- prompt styles ---
+
+def test_prompt_styles(ckpt, tmp_path):
+    d = ckpt[0]
+    assert style_for_checkpoint(d).name == "phi-2"  # the checkpoint's directory is named phi-2
+    assert get_style("phi-2").apply("Hi") == "Instruct: Hi\nOutput:"
+    assert get_style("phi-1_5").apply("Hi") == "Hi\n\nAnswer:"
+    assert get_style("phi-1").apply("Hi") == "Hi\n\nAnswer:"
+    assert get_style("raw").apply("Hi") == "Hi"
+    assert style_for_checkpoint(d, "phi-2-chat").apply("Hi") == "Alice: Hi\nBob:"
+    for name, expected in (("phi-1_5", "phi-1_5"), ("phi-1", "phi-1"), ("phi-2-finetuned", "phi-2"), ("gpt2", "raw")):
+        (tmp_path / "lit_config.json").write_text(f'{{"name": "{name}", "hf_config": {{}}}}')
+        assert style_for_checkpoint(tmp_path).name == expected
+    (tmp_path / "lit_config.json").write_text('{"name": "x", "hf_config": {"org": "microsoft", "name": "phi-1_5"}}')
+    assert style_for_checkpoint(tmp_path).name == "phi-1_5"
+    with pytest.raises(UserError, match="unknown prompt style"):
+        get_style("llama")
+    style = get_style("phi-2")
+    assert style.conversation([("a", " A.\n"), ("b", None)]) == "Instruct: a\nOutput: A.\nInstruct: b\nOutput:"
+    assert {"Instruct:", "Output:", "Alice:", "Bob:", "Answer:"} <= set(style.stop_sequences)
+    assert unescape(r"Alice: hi\nBob:\t\\n") == "Alice: hi\nBob:\t\\n"
+
+
+def test_device_and_precision_choice():
+    device, precision, dtype = choose_device()
+    if not torch.cuda.is_available():
+        assert device.type == "cpu"
+        expected = ("bf16-true", torch.bfloat16) if cpu_supports_bf16() else ("32-true", torch.float32)
+        assert (precision, dtype) == expected
+    assert choose_device("16-true")[1:] == ("16-true", torch.float16)
+    with pytest.raises(UserError, match="unknown precision 'fp32'"):
+        choose_device("fp32")
+
+
+def test_bf16_generation_runs(ckpt):
+    d, _, _, tokenizer = ckpt
+    model = load_model(d, dtype=torch.bfloat16)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    prompt = tokenizer.encode("Hello")
+    [c] = generate(model, tokenizer, prompt, len(prompt) + 8, temperature=0.7, top_k=20)
+    assert len(c.ids) <= 8 and c.finish_reason in ("length", "eos")
+
+
+# --- the script ---
+
+def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = (*args, "--precision", "32-true")  # exact comparisons with the in-process fp32 model
+    return subprocess.run([sys.executable, str(ROOT / "generate" / "base.py"), *args], capture_output=True,
+                          timeout=timeout, env=env)
+
+
+def test_generate_script_streams_continuation_and_stats(ckpt):
+    d, _, model, tokenizer = ckpt
+    prompt = "Alice: hi 😀 日本語\nBob:"
+    r = run_script("--prompt", r"Alice: hi 😀 日本語\nBob:", "--checkpoint_dir", str(d), "--max_new_tokens", "24",
+                   "--temperature", "0")
+    out, err = r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
+    assert r.returncode == 0, err
+    ids = tokenizer.encode(prompt)
+    [c] = generate(model, tokenizer, ids, len(ids) + 24, temperature=0.0)
+    assert out == prompt + c.text + "\n"
+    assert "Time to first token:" in err
+    assert "tokens/s" in err
+    assert "bandwidth achieved" in err and "GB/s" in err
+    assert "Peak memory:" in err
+
+
+def test_generate_script_samples_with_seed(ckpt):
+    d, _, model, tokenizer = ckpt
+    r = run_script("--prompt", "Instruct: hi", "--checkpoint_dir", str(d), "--max_new_tokens", "16",
+                   "--num_samples", "2", "--seed", "7", "--top_k", "50", "--top_p", "0.9", "--temperature", "1.2")
+    assert r.returncode == 0, r.stderr.decode()
+    ids = tokenizer.encode("Instruct: hi")
+    completions = generate(model, tokenizer, ids, len(ids) + 16, num_samples=2, temperature=1.2, top_k=50,
+                           top_p=0.9, generator=make_generator(torch.device("cpu"), 7))
+    expected = "".join(f"--- sample {i + 1} ({c.finish_reason}) ---\nInstruct: hi{c.text}\n"
+                       for i, c in enumerate(completions))
+    assert r.stdout.decode("utf-8") == expected
+
+
+def test_generate_script_prompt_too_long(ckpt):
+    d = ckpt[0]
+    r = run_script("--prompt", "word " * 199 + "word", "--checkpoint_dir", str(d))
+    err = r.stderr.decode()
+    assert r.returncode == 1
+    assert "error: the prompt is 200 tokens, longer than the model's context of 128 tokens" in err
+    assert "Traceback" not in err
+    r = run_script("--prompt", "word " * 99 + "word", "--checkpoint_dir", str(d), "--max_new_tokens", "50")
+    assert r.returncode == 1
+    assert "use --max_new_tokens 28 or less" in r.stderr.decode()
