@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from lit_gpt.config import Config
+from lit_gpt.download import TOKENIZER_FILES
 from lit_gpt.model import GPT
 from lit_gpt.utils import UserError, atomic_path, first_line
 
@@ -51,8 +52,8 @@ WEIGHT_NAMES = [
 # buffers some old checkpoints carry that are recomputed, not loaded
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "special_tokens_map.json", "generation_config.json")
+QUANTIZE_MODES = ("int8", "int4", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8")
+
 
 
 def name_map(config: Config, scheme: str) -> dict[str, tuple[str, ...]]:
@@ -275,7 +276,7 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
     dtype = next(iter(state_dict.values())).dtype
     with atomic_path(output_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
-    for name in TOKENIZER_FILES:
+    for name in ("generation_config.json", *TOKENIZER_FILES):
         if (checkpoint_dir / name).is_file():
             with atomic_path(output_dir / name) as tmp:
                 shutil.copyfile(checkpoint_dir / name, tmp)
@@ -332,24 +333,111 @@ def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch
 
 
 def load_model(
-    checkpoint_dir: Path, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
+    checkpoint_dir: Path,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
 ) -> GPT:
     """Build a GPT from a converted checkpoint directory, without a second copy of the weights.
 
-    The model is created on the meta device and takes the memory-mapped tensors as they are
-    (on the CPU, in the checkpoint's dtype, the weights are read straight from the page cache).
+    The model is created on the meta device and takes the memory-mapped tensors as they are (on the
+    CPU, in the checkpoint's dtype, the weights are read straight from the page cache). Where a tensor
+    must be converted (another dtype or device) or quantized ("int8", "int4", see lit_gpt.quantize),
+    it is done one tensor / one block at a time and the file pages just read are handed back, so peak
+    memory stays near the size of the result, not the sum of both.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    device = torch.device(device)
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise UserError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     config = Config.from_json(checkpoint_dir / "lit_config.json")
     state_dict = load_lit_state_dict(checkpoint_dir, config)
-    if dtype is not None or torch.device(device).type != "cpu":
-        state_dict = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-                      for k, v in state_dict.items()}
+    if quantize is not None and quantize.startswith("bnb."):
+        return _load_bitsandbytes(config, state_dict, device, dtype or torch.bfloat16, quantize)
+    pages = _FilePages(state_dict.values())
+    for name, tensor in state_dict.items():
+        target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if tensor.device != device or tensor.dtype != target_dtype:
+            state_dict[name] = tensor.to(device=device, dtype=target_dtype)
+            pages.release(tensor)
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    model.reset_rope_cache(torch.device(device))
+    del state_dict
+    model.reset_rope_cache(device)
+    if quantize:
+        from lit_gpt.quantize import quantize_model
+
+        for block in model.transformer.h:  # block by block, then the LM head
+            weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
+            quantize_model(block, quantize, group_size)
+            for weight in weights:
+                pages.release(weight)
+        head = model.lm_head.weight
+        quantize_model(model, quantize, group_size)
+        pages.release(head)
     return model.eval()
+
+
+def _load_bitsandbytes(config: Config, state_dict: dict, device: torch.device, dtype: torch.dtype, mode: str) -> GPT:
+    """The tutorial's bitsandbytes modes, through Lightning Fabric's plugin (as lit-gpt does it).
+
+    The Linear layers become bitsandbytes layers and each weight is quantized as it is loaded.
+    """
+    if device.type != "cuda":
+        raise UserError(f"--quantize {mode} needs a CUDA GPU (bitsandbytes' kernels); on this machine use "
+                        "--quantize int8 or --quantize int4")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError(f"--quantize {mode} needs bitsandbytes: pip install bitsandbytes")
+    import lightning as L
+    from lightning.fabric.plugins import BitsandbytesPrecision
+
+    fabric = L.Fabric(devices=1, accelerator="cuda", plugins=BitsandbytesPrecision(mode[len("bnb."):], dtype))
+    with fabric.init_module(empty_init=True):
+        model = GPT(config)
+    model.load_state_dict(state_dict, strict=True)
+    model.reset_rope_cache(device)
+    return model.eval()
+
+
+class _FilePages:
+    """Hands pages of the memory-mapped checkpoint back to the OS once the tensors on them are done with.
+
+    Pages of a file mapping that were read stay counted as resident while the mapping lives (and it
+    lives as long as any tensor from the file). After a tensor was converted or quantized, its pages
+    are dropped with madvise(MADV_DONTNEED): the mapping is private and never written, so a page
+    that is read again is simply read from the file again. Only ranges inside the mapping are touched.
+    """
+
+    def __init__(self, tensors) -> None:
+        cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
+        self.start = min((t.data_ptr() for t in cpu), default=0)
+        self.end = max((t.data_ptr() + t.nbytes for t in cpu), default=0)
+        self.madvise = None
+        try:
+            import ctypes
+            import mmap
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            self.madvise = lambda addr, length: libc.madvise(addr, length, mmap.MADV_DONTNEED)
+            self.page = mmap.PAGESIZE
+        except (OSError, AttributeError):  # not Linux: pages are left to the OS
+            pass
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if self.madvise is None or tensor.device.type != "cpu":
+            return
+        begin, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+        if not (self.start <= begin and end <= self.end):
+            return  # not from the file (already converted): never drop anonymous memory
+        begin = -(-begin // self.page) * self.page  # whole pages inside the tensor only
+        end = end // self.page * self.page
+        if end > begin:
+            self.madvise(begin, end - begin)
 
 
 def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:

@@ -1,0 +1,493 @@
+"""scripts/download.py against a loopback Hub (tests/hub_server.py).
+
+No mocks of huggingface_hub: the script runs as a subprocess with HF_ENDPOINT pointing at a real HTTP server
+on 127.0.0.1, and huggingface_hub's own client talks to it. The server counts the bytes it sends per file, so
+the tests can tell what was fetched, and fetched again.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
+from hub_server import HubServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "download.py"
+PHI2, PHI15 = "microsoft/phi-2", "microsoft/phi-1_5"
+GATED, PRIVATE = "acme/gated-phi", "acme/private-phi"
+SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+INDEX = "model.safetensors.index.json"
+TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+             "special_tokens_map.json"}
+CONFIGS = {"config.json", "generation_config.json"}
+VOCAB = 4096  # keeps every weight file well under a megabyte
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The loopback Hub, with repos built once per module. `hub.models` holds the transformers models."""
+    root = tmp_path_factory.mktemp("hub")
+    config = tiny_hf_config(n_embd=40, n_head=4, rotary=0.4, vocab_size=VOCAB)
+    server = HubServer()
+    models = {}
+    # phi-2 today: two safetensors shards and their index, transformers' names; tag v1.0 is an older commit
+    # with the remote-code names, as the repo had in late 2023
+    models["phi-2-old"] = make_hf_checkpoint(root / "phi-2-old", config, scheme="phi-msft", shards=2, seed=1)
+    models["phi-2"] = make_hf_checkpoint(root / "phi-2", config, shards=2)
+    repo = server.add_repo(PHI2)
+    server.phi2_old_sha = repo.add_revision(root / "phi-2-old", refs=("v1.0",))
+    repo.add_revision(root / "phi-2", refs=("main",))
+    # phi-1_5: one file as both .safetensors and .bin; its first commit held a MixFormer .bin only
+    models["phi-1_5-old"] = make_hf_checkpoint(root / "phi-1_5-old", config, scheme="mixformer-sequential",
+                                               formats=("bin",), seed=2)
+    models["phi-1_5"] = make_hf_checkpoint(root / "phi-1_5", config, formats=("safetensors", "bin"), seed=3)
+    repo = server.add_repo(PHI15)
+    server.phi15_old_sha = repo.add_revision(root / "phi-1_5-old", refs=())
+    repo.add_revision(root / "phi-1_5")
+    server.add_repo(GATED, gated=True).add_revision(root / "phi-1_5")
+    server.add_repo(PRIVATE, private=True).add_revision(root / "phi-1_5")
+    server.add_token("hf_good", GATED, PRIVATE)
+    server.add_token("hf_no_access")
+    # repos that do not hold a Phi checkpoint
+    for name, keep in (("no-config", {"model.safetensors", "tokenizer.json", "vocab.json"}),
+                       ("no-weights", CONFIGS | TOKENIZER)):
+        d = root / name
+        d.mkdir()
+        for f in keep:
+            shutil.copy(root / "phi-1_5" / f, d / f)
+        server.add_repo(f"acme/{name}").add_revision(d)
+    d = root / "llama"
+    shutil.copytree(root / "phi-1_5", d, ignore=shutil.ignore_patterns("*.bin"))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 40}))
+    server.add_repo("acme/llama").add_revision(d)
+    server.root, server.models = root, models
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(request):
+    if "hub" in request.fixturenames:
+        request.getfixturevalue("hub").reset()
+
+
+def hub_env(hub, tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=hub.url if hub else "http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"),
+               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(extra)
+    return env
+
+
+def download(hub, tmp_path, repo_id, *args, env=None, **extra) -> subprocess.CompletedProcess:
+    argv = [sys.executable, str(SCRIPT), "--repo_id", repo_id, "--checkpoint_dir", str(tmp_path / "checkpoints"),
+            *args]
+    return subprocess.run(argv, env=env or hub_env(hub, tmp_path, **extra), capture_output=True, text=True,
+                          timeout=180)
+
+
+def start_download(hub, tmp_path, repo_id, *args) -> subprocess.Popen:
+    argv = [sys.executable, str(SCRIPT), "--repo_id", repo_id, "--checkpoint_dir", str(tmp_path / "checkpoints")]
+    return subprocess.Popen(argv + list(args), env=hub_env(hub, tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def files_in(d: Path) -> set[str]:
+    """The checkpoint's files, without our bookkeeping under .cache."""
+    return {p.name for p in d.iterdir() if p.is_file()}
+
+
+def partials(d: Path) -> dict[str, int]:
+    part = d / ".cache" / "lit_gpt" / "partial"
+    found = part.glob("*.incomplete") if part.is_dir() else []
+    return {p.name.split(".safetensors")[0]: p.stat().st_size for p in found}
+
+
+def size(hub, repo_dir: str, name: str) -> int:
+    return (hub.root / repo_dir / name).stat().st_size
+
+
+def assert_runs_like(hf_model, checkpoint_dir: Path) -> None:
+    """The converted checkpoint computes what the transformers model it came from computes."""
+    from lit_gpt.checkpoint import load_model
+
+    model = load_model(checkpoint_dir)
+    idx = torch.randint(0, VOCAB, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf_model(idx).logits, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+
+def test_without_repo_id_lists_the_supported_repos(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT)], env=hub_env(None, tmp_path), capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert_ok(proc)
+    for repo_id in ("microsoft/phi-1", "microsoft/phi-1_5", "microsoft/phi-2"):
+        assert repo_id in proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_help_documents_every_option(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert_ok(proc)
+    for option in ("--repo_id", "--checkpoint_dir", "--from_safetensors", "--tokenizer_only", "--access_token",
+                   "--revision", "--convert"):
+        assert option in proc.stdout
+    assert "HF_TOKEN" in proc.stdout and "resumes" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ what is fetched
+
+
+def test_phi2_sharded_safetensors_download_converts_and_runs(hub, tmp_path):
+    from lit_gpt.checkpoint import convert_hf_checkpoint
+
+    proc = download(hub, tmp_path, PHI2)
+    assert_ok(proc)
+    ckpt = tmp_path / "checkpoints" / PHI2
+    assert files_in(ckpt) == CONFIGS | TOKENIZER | {INDEX, *SHARDS}
+    for name in files_in(ckpt):  # byte-identical to the repo, each fetched exactly once
+        assert (ckpt / name).read_bytes() == (hub.root / "phi-2" / name).read_bytes()
+        assert hub.bytes_served(PHI2, name) == size(hub, "phi-2", name), name
+    assert not partials(ckpt)
+    convert_hf_checkpoint(ckpt, progress=False)
+    assert_runs_like(hub.models["phi-2"], ckpt)
+
+    # a second run finds everything verified: no file is fetched again
+    hub.reset_counts()
+    proc = download(hub, tmp_path, PHI2)
+    assert_ok(proc)
+    assert hub.bytes_served(PHI2) == 0
+    assert "0 B downloaded now" in proc.stderr
+
+
+def test_phi15_default_takes_safetensors_only_and_convert_flag_works(hub, tmp_path):
+    proc = download(hub, tmp_path, PHI15, "--convert", "True")
+    assert_ok(proc)
+    ckpt = tmp_path / "checkpoints" / PHI15
+    assert files_in(ckpt) == CONFIGS | TOKENIZER | {"model.safetensors", "lit_model.pth", "lit_config.json"}
+    assert hub.bytes_served(PHI15, "pytorch_model.bin") == 0
+    assert_runs_like(hub.models["phi-1_5"], ckpt)
+
+
+@pytest.mark.parametrize("flag, weights, other", [("True", "model.safetensors", "pytorch_model.bin"),
+                                                  ("False", "pytorch_model.bin", "model.safetensors")])
+def test_from_safetensors_picks_one_kind(hub, tmp_path, flag, weights, other):
+    proc = download(hub, tmp_path, PHI15, "--from_safetensors", flag)
+    assert_ok(proc)
+    ckpt = tmp_path / "checkpoints" / PHI15
+    assert files_in(ckpt) == CONFIGS | TOKENIZER | {weights}
+    assert hub.bytes_served(PHI15, weights) == size(hub, "phi-1_5", weights)
+    assert hub.bytes_served(PHI15, other) == 0
+
+
+def test_missing_kind_falls_back_with_a_note_and_old_weights_are_replaced(hub, tmp_path):
+    from lit_gpt.checkpoint import convert_hf_checkpoint
+
+    ckpt = tmp_path / "checkpoints" / PHI15
+    assert_ok(download(hub, tmp_path, PHI15))
+    assert "model.safetensors" in files_in(ckpt)
+    # the first commit of phi-1_5 has a MixFormer .bin only
+    proc = download(hub, tmp_path, PHI15, "--revision", hub.phi15_old_sha, "--from_safetensors", "True")
+    assert_ok(proc)
+    notes = [line for line in proc.stderr.splitlines() if "no safetensors" in line]
+    assert len(notes) == 1 and "bin" in notes[0], proc.stderr
+    # the safetensors of main are gone, or the converter would read them instead
+    assert files_in(ckpt) == CONFIGS | TOKENIZER | {"pytorch_model.bin"}
+    assert hub.bytes_served(PHI15, "model.safetensors") == size(hub, "phi-1_5", "model.safetensors")
+    convert_hf_checkpoint(ckpt, progress=False)
+    assert_runs_like(hub.models["phi-1_5-old"], ckpt)
+
+
+@pytest.mark.parametrize("revision", ["v1.0", "sha"])
+def test_revision_pins_an_older_commit(hub, tmp_path, revision):
+    from lit_gpt.checkpoint import convert_hf_checkpoint
+
+    rev = hub.phi2_old_sha if revision == "sha" else revision
+    assert_ok(download(hub, tmp_path, PHI2, "--revision", rev))
+    ckpt = tmp_path / "checkpoints" / PHI2
+    for name in SHARDS:
+        assert (ckpt / name).read_bytes() == (hub.root / "phi-2-old" / name).read_bytes()
+    resolved = [path for _, path, _ in hub.requests if "/resolve/" in path]
+    assert resolved and all(hub.phi2_old_sha in path for path in resolved)  # every file from the pinned commit
+    convert_hf_checkpoint(ckpt, progress=False)
+    assert_runs_like(hub.models["phi-2-old"], ckpt)
+
+
+def test_tokenizer_only(hub, tmp_path):
+    proc = download(hub, tmp_path, PHI2, "--tokenizer_only", "True")
+    assert_ok(proc)
+    assert files_in(tmp_path / "checkpoints" / PHI2) == CONFIGS | TOKENIZER
+    assert all(hub.bytes_served(PHI2, name) == 0 for name in SHARDS + [INDEX])
+
+
+# ------------------------------------------------------------------------------------------- interruptions
+
+
+def test_dropped_connection_is_resumed_within_the_run(hub, tmp_path):
+    hub.drop_after(PHI2, SHARDS[0], 200_000)
+    assert_ok(download(hub, tmp_path, PHI2))
+    ckpt = tmp_path / "checkpoints" / PHI2
+    assert (ckpt / SHARDS[0]).read_bytes() == (hub.root / "phi-2" / SHARDS[0]).read_bytes()
+    assert hub.bytes_served(PHI2, SHARDS[0]) == size(hub, "phi-2", SHARDS[0])  # nothing sent twice
+    assert ("GET", "bytes=200000-") in {(m, r) for m, p, r in hub.requests if "/cdn/" in p}
+
+
+def test_rerun_after_a_failed_run_continues_where_it_stopped(hub, tmp_path):
+    # the connection drops partway through the shard, and keeps dropping until the run gives up
+    hub.drop_after(PHI2, SHARDS[0], 200_000, 0, 0, 0, 0)
+    proc = download(hub, tmp_path, PHI2)
+    assert_one_line_error(proc, SHARDS[0], "run the same command again to resume")
+    ckpt = tmp_path / "checkpoints" / PHI2
+    assert SHARDS[0] not in files_in(ckpt)  # never a truncated file under the real name
+    assert partials(ckpt) == {"model-00001-of-00002": 200_000}
+
+    hub.reset_counts()
+    assert_ok(download(hub, tmp_path, PHI2))
+    assert (ckpt / SHARDS[0]).read_bytes() == (hub.root / "phi-2" / SHARDS[0]).read_bytes()
+    assert hub.bytes_served(PHI2, SHARDS[0]) == size(hub, "phi-2", SHARDS[0]) - 200_000
+    for name in CONFIGS | TOKENIZER | {INDEX}:  # finished files were not fetched again
+        assert hub.bytes_served(PHI2, name) == 0, name
+    assert not partials(ckpt)
+
+
+@pytest.mark.parametrize("how", ["kill", "ctrl-c"])
+def test_interrupted_process_resumes_on_the_next_run(hub, tmp_path, how):
+    ckpt = tmp_path / "checkpoints" / PHI2
+    hub.stall_after(PHI2, SHARDS[1], 300_000)
+    proc = start_download(hub, tmp_path, PHI2)
+    try:
+        deadline = time.time() + 60
+        while partials(ckpt).get("model-00002-of-00002") != 300_000:
+            assert time.time() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        if how == "kill":
+            # meanwhile, a second download into the same directory is refused
+            assert_one_line_error(download(hub, tmp_path, PHI2), "another download into")
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        hub.release.set()
+    if how == "ctrl-c":
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert SHARDS[1] not in files_in(ckpt)
+    assert (ckpt / SHARDS[0]).is_file()
+
+    hub.reset_counts()
+    assert_ok(download(hub, tmp_path, PHI2))
+    assert (ckpt / SHARDS[1]).read_bytes() == (hub.root / "phi-2" / SHARDS[1]).read_bytes()
+    assert hub.bytes_served(PHI2, SHARDS[1]) == size(hub, "phi-2", SHARDS[1]) - 300_000
+    assert hub.bytes_served(PHI2, SHARDS[0]) == 0
+
+
+# -------------------------------------------------------------------------------------------- verification
+
+
+def test_corrupted_transfer_is_deleted_and_a_rerun_fixes_it(hub, tmp_path):
+    hub.corrupt(PHI2, SHARDS[1])
+    proc = download(hub, tmp_path, PHI2)
+    assert_one_line_error(proc, SHARDS[1], "did not match", "run the same command again")
+    ckpt = tmp_path / "checkpoints" / PHI2
+    assert SHARDS[1] not in files_in(ckpt) and not partials(ckpt)
+    assert (ckpt / SHARDS[0]).is_file()
+
+    hub.corrupt(PHI2, SHARDS[1], on=False)
+    hub.reset_counts()
+    assert_ok(download(hub, tmp_path, PHI2))
+    assert (ckpt / SHARDS[1]).read_bytes() == (hub.root / "phi-2" / SHARDS[1]).read_bytes()
+    assert hub.bytes_served(PHI2, SHARDS[0]) == 0
+
+
+def test_a_changed_local_file_is_detected_and_fetched_again(hub, tmp_path):
+    assert_ok(download(hub, tmp_path, PHI2))
+    ckpt = tmp_path / "checkpoints" / PHI2
+    data = bytearray((ckpt / SHARDS[0]).read_bytes())
+    data[1000] ^= 1  # same size, different content
+    (ckpt / SHARDS[0]).write_bytes(bytes(data))
+    hub.reset_counts()
+    proc = download(hub, tmp_path, PHI2)
+    assert_ok(proc)
+    assert SHARDS[0] in proc.stderr  # it says the file differed
+    assert (ckpt / SHARDS[0]).read_bytes() == (hub.root / "phi-2" / SHARDS[0]).read_bytes()
+    assert hub.bytes_served(PHI2, SHARDS[0]) == size(hub, "phi-2", SHARDS[0])
+    assert hub.bytes_served(PHI2, SHARDS[1]) == 0
+
+
+def files_read(hub, tmp_path, ckpt: Path) -> set[str]:
+    """Run the download and report which checkpoint files it opened for reading (a Python audit hook)."""
+    argv = [str(SCRIPT), "--repo_id", PHI2, "--checkpoint_dir", str(tmp_path / "checkpoints")]
+    code = ("import atexit, runpy, sys\n"
+            "opened = set()\n"
+            "def hook(event, args):\n"
+            "    if event == 'open' and isinstance(args[0], str) and 'r' in str(args[1] or 'r'):\n"
+            "        opened.add(args[0])\n"
+            "sys.addaudithook(hook)\n"
+            "atexit.register(lambda: print('\\n'.join(sorted(opened))))\n"
+            f"sys.argv = {argv!r}\n"
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert_ok(proc)
+    return {Path(line).name for line in proc.stdout.splitlines() if Path(line).parent == ckpt}
+
+
+def test_rerun_trusts_unchanged_files_and_rehashes_touched_ones(hub, tmp_path):
+    assert_ok(download(hub, tmp_path, PHI2))
+    ckpt = tmp_path / "checkpoints" / PHI2
+    parsed = {"config.json", INDEX}  # read for the model type and the shard list, not hashed
+    assert files_read(hub, tmp_path, ckpt) == parsed  # nothing hashed again: the records still hold
+    os.utime(ckpt / SHARDS[0])  # same bytes, new mtime and ctime: the record no longer vouches for it
+    hub.reset_counts()
+    assert files_read(hub, tmp_path, ckpt) == parsed | {SHARDS[0]}  # hashed, found intact ...
+    assert hub.bytes_served(PHI2) == 0  # ... and not downloaded again
+    assert files_read(hub, tmp_path, ckpt) == parsed  # and recorded anew
+
+
+def test_offline_mode_uses_a_finished_download(hub, tmp_path):
+    assert_ok(download(hub, tmp_path, PHI2))
+    hub.reset_counts()
+    proc = download(hub, tmp_path, PHI2, HF_HUB_OFFLINE="1")
+    assert_ok(proc)
+    assert "HF_HUB_OFFLINE" in proc.stderr and hub.requests == []
+    proc = download(hub, tmp_path, PHI15, HF_HUB_OFFLINE="1")
+    assert_one_line_error(proc, "HF_HUB_OFFLINE", "no complete download")
+    assert hub.requests == []
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["unknown repo", "unknown revision", "unreachable", "gated, no token",
+                                  "gated, token without access", "invalid token", "private, no token"])
+def test_hub_errors_are_one_line_and_leave_nothing(hub, tmp_path, case):
+    repo_id, args, env, needles = PHI2, [], {}, []
+    if case == "unknown repo":
+        repo_id, needles = "microsoft/phi-9", ["repository microsoft/phi-9 not found"]
+    elif case == "unknown revision":
+        args, needles = ["--revision", "no-such-branch"], ["revision 'no-such-branch' not found"]
+    elif case == "unreachable":
+        env, needles = {"HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"}, ["cannot reach", "HF_ENDPOINT",
+                                                                               "HF_HUB_OFFLINE"]
+    elif case == "gated, no token":
+        repo_id, needles = GATED, ["is gated", "--access_token", "HF_TOKEN", "hf auth login"]
+    elif case == "gated, token without access":
+        repo_id, args, needles = GATED, ["--access_token", "hf_no_access"], ["is gated", "no access", "403"]
+    elif case == "invalid token":
+        args, needles = ["--access_token", "hf_bogus"], ["rejected the access token", "401"]
+    elif case == "private, no token":
+        repo_id, needles = PRIVATE, ["not found", "--access_token", "HF_TOKEN"]
+    proc = download(hub, tmp_path, repo_id, *args, **env)
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("repo_id, how", [(GATED, "flag"), (GATED, "env"), (PRIVATE, "flag")])
+def test_gated_and_private_repos_with_a_token(hub, tmp_path, repo_id, how):
+    if how == "flag":
+        proc = download(hub, tmp_path, repo_id, "--access_token", "hf_good")
+    else:
+        proc = download(hub, tmp_path, repo_id, HF_TOKEN="hf_good")
+    assert_ok(proc)
+    assert "model.safetensors" in files_in(tmp_path / "checkpoints" / repo_id)
+
+
+@pytest.mark.parametrize("repo_id, needle", [("acme/no-config", "no config.json"),
+                                             ("acme/no-weights", "holds no model weights"),
+                                             ("acme/llama", "'llama' model, not Phi")])
+def test_repos_without_a_phi_checkpoint_are_refused(hub, tmp_path, repo_id, needle):
+    proc = download(hub, tmp_path, repo_id)
+    assert_one_line_error(proc, needle)
+    assert not (tmp_path / "checkpoints").exists()
+    assert hub.bytes_served(repo_id, "model.safetensors") == 0
+
+
+def test_tokenizer_only_with_from_safetensors_is_an_error(tmp_path):
+    proc = download(None, tmp_path, PHI2, "--tokenizer_only", "True", "--from_safetensors", "True")
+    assert_one_line_error(proc, "--tokenizer_only", "--from_safetensors")
+
+
+def test_not_enough_free_space_is_found_before_the_weights(hub, tmp_path):
+    argv = [str(SCRIPT), "--repo_id", PHI2, "--checkpoint_dir", str(tmp_path / "checkpoints")]
+    code = ("import runpy, shutil, sys\n"
+            "shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 100_000, 100_000)\n"
+            f"sys.argv = {argv!r}\n"
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=hub_env(hub, tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert_one_line_error(proc, "not enough disk space", "97.7 KiB")
+    assert all(hub.bytes_served(PHI2, name) == 0 for name in SHARDS + ["tokenizer.json"])
+
+
+def test_disk_full_during_the_download(hub, tmp_path):
+    from lit_gpt.download import RemoteFile, _partial_path
+
+    ckpt = tmp_path / "checkpoints" / PHI2
+    data = (hub.root / "phi-2" / SHARDS[1]).read_bytes()
+    partial = _partial_path(ckpt, RemoteFile(SHARDS[1], len(data), hashlib.sha256(data).hexdigest(), None))
+    partial.parent.mkdir(parents=True)
+    partial.symlink_to("/dev/full")  # every write there fails with ENOSPC
+    proc = download(hub, tmp_path, PHI2)
+    assert_one_line_error(proc, "No space left on device", "run the same command again")
+    assert SHARDS[1] not in files_in(ckpt)
+
+    partial.unlink()  # space freed
+    hub.reset_counts()
+    assert_ok(download(hub, tmp_path, PHI2))
+    assert (ckpt / SHARDS[1]).read_bytes() == data
+    assert hub.bytes_served(PHI2, SHARDS[0]) == 0
+
+
+# ----------------------------------------------------------------------------------------- the server itself
+
+
+def test_loopback_hub_serves_huggingface_hubs_own_downloads(hub, tmp_path):
+    """snapshot_download and hf_hub_download (HEAD, 302 to the CDN, tree, X-Linked-*) work against the server."""
+    code = ("import sys\n"
+            "from huggingface_hub import HfApi, hf_hub_download, snapshot_download\n"
+            f"d = snapshot_download({PHI2!r}, local_dir=sys.argv[1], allow_patterns=['*.json', '*.safetensors'])\n"
+            f"f = hf_hub_download({PHI15!r}, 'model.safetensors', cache_dir=sys.argv[2])\n"
+            f"info = HfApi().get_paths_info({PHI2!r}, [{SHARDS[0]!r}])[0]\n"
+            "print(info.lfs.sha256, info.size)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "snap"), str(tmp_path / "cache")],
+                          env=hub_env(hub, tmp_path), capture_output=True, text=True, timeout=120)
+    assert_ok(proc)
+    data = (hub.root / "phi-2" / SHARDS[0]).read_bytes()
+    assert proc.stdout.split() == [hashlib.sha256(data).hexdigest(), str(len(data))]
+    assert (tmp_path / "snap" / SHARDS[0]).read_bytes() == data
+    assert (tmp_path / "snap" / INDEX).is_file() and not (tmp_path / "snap" / "merges.txt").exists()
