@@ -11,3 +11,12 @@ sys.path.insert(0, str(ROOT))  # tests run from a plain clone too, not only afte
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one thread: on the machine's two shared cores, small ops on 2 threads mostly wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

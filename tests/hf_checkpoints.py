@@ -147,3 +147,23 @@ def make_hf_checkpoint(
 
         write_phi_tokenizer(out_dir, DATA / "gpt2-bpe")
     return model
+
+
+def lively_checkpoint(d: Path, block_size: int):
+    """A random checkpoint whose next token depends on the context.
+
+    With make_hf_checkpoint's weights as they are, the LM head's bias dominates and greedy decoding
+    repeats one token forever, which would make greedy comparisons and stop tests say little. Larger
+    matrices (x3) and LM head (x5 more) give varied text. Returns the transformers model.
+    """
+    hf = make_hf_checkpoint(d, tiny_hf_config(block_size=block_size))
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(3)
+        hf.lm_head.weight.mul_(5)
+    save_weights(hf_state_dict(hf, "phi"), d, "safetensors", 1)
+    from lit_gpt.checkpoint import convert_hf_checkpoint
+
+    convert_hf_checkpoint(d, progress=False)
+    return hf

@@ -17,18 +17,13 @@ from lit_gpt.generate import ChatSession, generate
 from lit_gpt.prompts import get_style
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import UserError
-from test_generate import lively_checkpoint
+from hf_checkpoints import lively_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_checkpoints import hf_config_json, make_hf_checkpoint, tiny_hf_config
-from lit_gpt.checkpoint import convert_hf_checkpoint, convert_lit_checkpoint, load_model
+from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
 from lit_gpt.config import Config
 from lit_gpt.utils import UserError
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_checkpoints import hf_state_dict, make_hf_checkpoint, save_weights, tiny_hf_config
-from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+from hf_checkpoints import lively_checkpoint
+from lit_gpt.checkpoint import load_model
 from lit_gpt.generate import (
     Completion, choose_device, cpu_supports_bf16, generate, generate_tokens, make_generator, sample, stream, unescape,
 )
@@ -24,31 +24,7 @@ BLOCK = 128
 EOS = 50256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # the machine's cores are shared: tiny ops on 2 threads mostly wait on each other
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def lively_checkpoint(d: Path, block_size: int):
-    """A random checkpoint whose next token depends on the context.
-
-    With make_hf_checkpoint's weights as they are, the LM head's bias dominates and greedy decoding
-    repeats one token forever, which would make greedy comparisons and stop tests say little. Larger
-    matrices (x3) and LM head (x5 more) give varied text. Returns the transformers model.
-    """
-    hf = make_hf_checkpoint(d, tiny_hf_config(block_size=block_size))
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 2:
-                p.mul_(3)
-        hf.lm_head.weight.mul_(5)
-    save_weights(hf_state_dict(hf, "phi"), d, "safetensors", 1)
-    convert_hf_checkpoint(d, progress=False)
-    return hf
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
