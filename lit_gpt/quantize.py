@@ -1,0 +1,349 @@
+"""Weight-only int8 / int4 quantization of `nn.Linear` layers, for faster decoding.
+
+At batch size 1 a decode step reads every weight once and does little arithmetic on it, so it is
+bound by memory bandwidth: storing weights in 8 or 4 bits reads 2x or ~3.5x fewer bytes than bf16.
+The kernels (measured with scripts/bench_kernels.py; see the numbers there):
+
+- int8, per output channel, symmetric: `W ~ q * scale[n]`, q in [-127, 127].
+  CPU: `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations).
+  CUDA and others: `F.linear(x, q.to(x.dtype)) * scale`, the pattern that inductor turns into a
+  fused kernel under torch.compile (gpt-fast's int8 path); eager it is correct but not fast.
+- int4, group-wise, asymmetric (tinygemm's convention): `W ~ (q - 8) * scale[n, g] + zero[n, g]`,
+  q in [0, 15], one (scale, zero) pair per `group_size` consecutive inputs.
+  CPU: `aten._weight_int4pack_mm_for_cpu`; CUDA: `aten._weight_int4pack_mm` (tinygemm, bf16 only).
+  The packed weight layout is the kernel's own and differs per device (and per CPU instruction
+  set), so layers are packed for the device their weight is on when `quantize_model` runs.
+
+torchao (extra "quant") wraps these same aten kernels on CPU, so nothing here needs it.
+
+Checkpoints: `state_dict()` of a quantized layer holds a portable form (int8: q and scales; int4:
+q as two nibbles per byte, high nibble first, plus tinygemm's scales_and_zeros), converted to the
+kernel's layout on `load_state_dict()`, so a checkpoint saved on one device loads on another.
+To load one, build the float model on the device it will run on (its float values do not matter),
+call `quantize_model` with the same mode and group size, then `load_state_dict`.
+"""
+
+from functools import lru_cache
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_gpt.utils import UserError
+
+aten = torch.ops.aten
+
+MODES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what both tinygemm kernels accept
+# Quantize this many weight elements at a time: the float32 temporaries (4 MB) stay in cache, which
+# measured 2-4x faster than 16-64 MB chunks, and memory does not grow with the layer size.
+# Row chunks are multiples of 64: the int4 packings work on independent blocks of at most 64 rows
+# (CPU) or 8 rows (CUDA), so packing or unpacking chunk by chunk, at any such chunk size, gives the
+# same bytes as doing the whole matrix at once.
+_CHUNK_ELEMENTS = 1 << 20
+# Unpacking int4 (state_dict, dequantize) caches an index per chunk shape (4 MB each).
+_UNPACK_CHUNK_ELEMENTS = 1 << 20
+
+
+def quantize_model(
+    model: nn.Module, mode: str, group_size: int = 32, exclude: Sequence[str] = ()
+) -> None:
+    """Replace every `nn.Linear` in `model` (in place) by a weight-only quantized linear.
+
+    mode: "int8" (per output channel) or "int4" (groups of `group_size` inputs; 32, 64, 128 or 256).
+    exclude: names of Linear modules to keep in float (as in `model.named_modules()`, e.g. "lm_head").
+
+    Layers are quantized one at a time and each float layer is dropped as soon as its replacement
+    exists, so peak memory stays near the float model's (memory-mapped weights are only read).
+    The weights may be bf16, fp16 or fp32; scales and biases keep that dtype.
+    """
+    if isinstance(model, nn.Linear):
+        raise UserError("quantize_model replaces the Linear layers inside a model: wrap a bare Linear in a module")
+    if mode not in MODES:
+        raise UserError(f"unknown quantization mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise UserError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    # check every layer before touching any, so a bad shape leaves the model as it was
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in exclude]
+    if mode == "int4":
+        for name, m in linears:
+            if m.in_features % group_size:
+                raise UserError(f"int4 group size {group_size} does not divide {name}'s {m.in_features} input features")
+            device = m.weight.device.type
+            if device not in ("cpu", "cuda"):
+                raise UserError(f"int4 quantization needs CPU or CUDA weights; {name} is on {device}")
+            if device == "cpu" and not hasattr(aten, "_weight_int4pack_mm_for_cpu"):
+                raise UserError(f"int4 on CPU needs torch >= 2.6 (this is {torch.__version__})")
+    while linears:
+        name, linear = linears.pop(0)
+        q = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, q)
+        del linear, q  # nothing references the float layer any more: its weight is freed here
+
+
+def _row_chunks(n_rows: int, n_cols: int, elements: Optional[int] = None) -> List[slice]:
+    rows = max(64, ((elements or _CHUNK_ELEMENTS) // max(n_cols, 1)) // 64 * 64)
+    return [slice(i, min(i + rows, n_rows)) for i in range(0, n_rows, rows)]
+
+
+def _bias_buffer(linear: nn.Linear) -> Optional[torch.Tensor]:
+    return None if linear.bias is None else linear.bias.detach().clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# int8
+# ------------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (weight * scales[:, None]).T + bias, with an int8 weight (out_features, in_features)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, bias=False, dtype=w.dtype, device=w.device)
+        for rows in _row_chunks(*w.shape):
+            chunk = w[rows].to(torch.float32, copy=True)  # a copy: the in-place ops below must not touch w
+            lo, hi = chunk.amin(dim=1), chunk.amax(dim=1)  # (torch.aminmax is ~8x slower on CPU)
+            # round the scale to its storage dtype first, so that dequantize() is exactly what the
+            # kernel computes with
+            scale = (torch.maximum(-lo, hi) / 127).clamp(min=1e-12).to(w.dtype)
+            q.scales[rows] = scale
+            q.weight[rows] = chunk.div_(scale.float()[:, None]).round_().clamp_(-127, 127)  # (exact ints -> int8)
+        q.bias = _bias_buffer(linear)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        scales = self.scales.to(x.dtype)
+        if x.device.type == "cpu":
+            y = aten._weight_int8pack_mm(x2.contiguous(), self.weight, scales)
+        else:
+            y = F.linear(x2, self.weight.to(x.dtype)) * scales
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer multiplies by: W_hat = q * scale."""
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+# ------------------------------------------------------------------------------------------------
+# int4
+# ------------------------------------------------------------------------------------------------
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    # tinygemm on CUDA needs in_features % (inner_k_tiles * 16) == 0; 8 is its fastest setting
+    return next(t for t in (8, 4, 2) if in_features % (t * 16) == 0)
+
+
+def _pack_int4(q: torch.Tensor, device_type: str) -> torch.Tensor:
+    """Pack q (rows, in_features), int32 in [0, 15], into the int4 kernel's layout for `device_type`."""
+    if device_type == "cpu":
+        return aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    if device_type == "cuda":
+        if _torch_version() < (2, 5):  # older torch took the int32 matrix itself
+            return aten._convert_weight_to_int4pack(q, _inner_k_tiles(q.shape[1]))
+        nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        return aten._convert_weight_to_int4pack(nibbles, _inner_k_tiles(q.shape[1]))
+    raise UserError(f"int4 quantization supports CPU and CUDA weights, not {device_type}")
+
+
+def _torch_version() -> tuple:
+    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _packed_int4_shape(rows: int, cols: int, device_type: str) -> tuple:
+    if device_type == "cuda":
+        tiles = _inner_k_tiles(cols)
+        return (rows // 8, cols // (tiles * 16), 32, tiles // 2)
+    return (rows, cols // 2)
+
+
+@lru_cache(maxsize=8)
+def _int4_slots(rows: int, cols: int, device: torch.device) -> torch.Tensor:
+    """For the packed form of a (rows, cols) chunk: the flat index r * cols + c of the value each
+    nibble holds (nibbles in storage order, low nibble of each byte first).
+
+    Found by packing the coordinates themselves, 4 bits at a time, so this reads any of the
+    kernels' layouts (CPU AVX512 / AVX2 / scalar, CUDA tinygemm) without hard-coding them."""
+    index = torch.arange(rows * cols, device=device, dtype=torch.int32)
+    slots = torch.zeros_like(index)
+    for shift in range(0, max(1, (rows * cols - 1).bit_length()), 4):
+        probe = ((index >> shift) & 15).view(rows, cols)
+        slots |= _nibbles(_pack_int4(probe, device.type)).int() << shift
+    return slots  # int32: 4 MB per chunk shape in the cache
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """All 4-bit values of a packed tensor, in storage order (low nibble of each byte first)."""
+    b = packed.contiguous().view(torch.uint8).view(-1)
+    return torch.stack((b & 15, b >> 4), dim=-1).view(-1)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W_hat.T + bias with W_hat[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k // group_size.
+
+    `weight` holds q packed for the device's int4 kernel; `scales_and_zeros` is
+    (in_features // group_size, padded out_features, 2). Rows are padded to a multiple of 16 (the CPU
+    kernel's need); the output is cut back to out_features.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 32,
+        dtype: torch.dtype = torch.bfloat16,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if group_size not in INT4_GROUP_SIZES:
+            raise UserError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        if in_features % group_size:
+            raise UserError(f"int4 group size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.padded_out = -(-out_features // 16) * 16
+        device = torch.device(device or "cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"int4 quantization supports CPU and CUDA weights, not {device.type}")
+        shape = _packed_int4_shape(self.padded_out, in_features, device.type)
+        dtype_packed = torch.int32 if device.type == "cuda" else torch.uint8
+        self.register_buffer("weight", torch.zeros(shape, dtype=dtype_packed, device=device))
+        self.register_buffer(
+            "scales_and_zeros", torch.zeros(in_features // group_size, self.padded_out, 2, dtype=dtype, device=device)
+        )
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4Linear":
+        w = linear.weight
+        N, K = w.shape
+        q = cls(K, N, bias=False, group_size=group_size, dtype=w.dtype, device=w.device)
+        packed = []
+        for rows in _row_chunks(q.padded_out, K):
+            n = rows.stop - rows.start
+            chunk = w[rows.start : min(rows.stop, N)].to(torch.float32, copy=True)  # in-place ops below
+            if chunk.shape[0] < n:  # rows padded up to a multiple of 16 quantize zeros
+                chunk = F.pad(chunk, (0, 0, 0, n - chunk.shape[0]))
+            groups = chunk.view(n, K // group_size, group_size)
+            lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-6).to(w.dtype)
+            zero = (lo + 8 * scale.float()).to(w.dtype)  # W_hat = (q - 8) * scale + zero = q * scale + lo
+            # quantize against the rounded scale and zero, so dequantize() is what the kernel computes
+            start = zero.float() - 8 * scale.float()
+            qi = groups.sub_(start[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15)
+            packed.append(_pack_int4(qi.view(n, K).to(torch.int32), w.device.type))
+            q.scales_and_zeros[:, rows, 0] = scale.t()
+            q.scales_and_zeros[:, rows, 1] = zero.t()
+        q.weight = torch.cat(packed) if len(packed) > 1 else packed[0]
+        q.bias = _bias_buffer(linear)
+        return q
+
+    def _pack(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_pack_int4(q[rows].contiguous(), q.device.type) for rows in _row_chunks(*q.shape)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        if x.device.type == "cpu":
+            sz = self.scales_and_zeros.to(x.dtype)
+            y = aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
+        else:  # tinygemm computes in bf16 only
+            sz = self.scales_and_zeros.to(torch.bfloat16)
+            y = aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.group_size, sz).to(x.dtype)
+        if self.padded_out != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @torch.no_grad()
+    def int_weight(self) -> torch.Tensor:
+        """q as a (out_features, in_features) uint8 matrix of values 0..15, unpacked from the kernel layout."""
+        out = []
+        K = self.in_features
+        offset = 0
+        flat = self.weight.contiguous().view(torch.uint8).view(-1)
+        for rows in _row_chunks(self.padded_out, K, _UNPACK_CHUNK_ELEMENTS):
+            n = rows.stop - rows.start
+            nbytes = n * K // 2
+            slots = _int4_slots(n, K, self.weight.device)
+            chunk = torch.empty(n * K, dtype=torch.uint8, device=self.weight.device)
+            chunk[slots.long()] = _nibbles(flat[offset : offset + nbytes])
+            out.append(chunk.view(n, K))
+            offset += nbytes
+        return torch.cat(out)[: self.out_features]
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight this layer multiplies by: W_hat = (q - 8) * scale + zero, per group."""
+        G = self.group_size
+        q = self.int_weight().float().view(self.out_features, -1, G)
+        sz = self.scales_and_zeros[:, : self.out_features].float()
+        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
+        return ((q - 8) * scale + zero).view(self.out_features, self.in_features).to(dtype)
+
+    # -- checkpoints: the state dict holds q as plain nibbles, not the device-specific layout --
+
+    def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        q = self.int_weight()
+        destination[prefix + "weight"] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (N, K/2)
+        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros[:, : self.out_features].clone()
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key_w, key_sz = prefix + "weight", prefix + "scales_and_zeros"
+        if key_w in state_dict and key_sz in state_dict:
+            nibbles, sz = state_dict[key_w], state_dict[key_sz]
+            expected = (self.out_features, self.in_features // 2)
+            if tuple(nibbles.shape) != expected or nibbles.dtype != torch.uint8:
+                raise UserError(
+                    f"{key_w}: expected a uint8 int4 weight of shape {expected}, got {nibbles.dtype} {tuple(nibbles.shape)}"
+                    " (was the checkpoint quantized with another mode or group size?)"
+                )
+            if tuple(sz.shape) != (self.in_features // self.group_size, self.out_features, 2):
+                raise UserError(
+                    f"{key_sz}: shape {tuple(sz.shape)} does not match group size {self.group_size}"
+                    " (quantize the model with the checkpoint's group size before loading it)"
+                )
+            nibbles = nibbles.to(self.weight.device)
+            q = torch.full((self.padded_out, self.in_features), 8, dtype=torch.int32, device=self.weight.device)
+            q[: self.out_features, ::2] = (nibbles >> 4).int()
+            q[: self.out_features, 1::2] = (nibbles & 15).int()
+            state_dict = dict(state_dict)  # do not change the caller's dict
+            state_dict[key_w] = self._pack(q)
+            padded = torch.zeros_like(self.scales_and_zeros)
+            padded[:, : self.out_features] = sz.to(padded.device, padded.dtype)
+            state_dict[key_sz] = padded
+            # the parent call reads from this local dict: it is not the caller's
+            return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"int4, group_size={self.group_size}"
+        )
