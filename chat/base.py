@@ -24,6 +24,8 @@ def main(
     temperature: float = 0.8,
     precision: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
     seed: Optional[int] = None,
     prompt_style: Optional[str] = None,
     escapes: bool = True,
@@ -44,6 +46,9 @@ def main(
         precision: 32-true, bf16-true or 16-true (default: bf16 where the GPU or CPU supports it, else 16
             on a GPU and 32 on a CPU).
         compile: Compile the decode step with torch.compile (slow first reply, faster after).
+        quantize: Weight-only quantization at load: int8 (per output channel) or int4 (group-wise), on CPU
+            and GPU; or the bitsandbytes modes bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 (CUDA only).
+        group_size: Inputs per scale for --quantize int4: 32, 64, 128 or 256 (smaller: more accurate, larger file).
         seed: Seed of the sampling generator; a fixed seed reproduces a conversation (null: random).
         prompt_style: phi-2 ("Instruct: ...\\nOutput:"), phi-2-chat ("Alice: ...\\nBob:"), phi-1_5, phi-1
             ("...\\n\\nAnswer:") or raw (default: from the checkpoint's model name, raw if unknown).
@@ -56,7 +61,7 @@ def main(
     device, precision, dtype = choose_device(precision)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=dtype)
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize, group_size=group_size)
     model.set_kv_cache(1)
     err = sys.stderr
     print(f"Loaded {checkpoint_dir} on {device.type} in {precision} in {time.perf_counter() - t0:.2f} s; "

@@ -30,6 +30,8 @@ def main(
     temperature: float = 0.8,
     precision: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
+    group_size: int = 32,
     seed: Optional[int] = 1234,
     prompt_style: str = "raw",
     escapes: bool = True,
@@ -52,6 +54,9 @@ def main(
         precision: 32-true, bf16-true or 16-true (default: bf16 where the GPU or CPU supports it, else 16
             on a GPU and 32 on a CPU).
         compile: Compile the decode step with torch.compile (slow first steps, faster after).
+        quantize: Weight-only quantization at load: int8 (per output channel) or int4 (group-wise), on CPU
+            and GPU; or the bitsandbytes modes bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 (CUDA only).
+        group_size: Inputs per scale for --quantize int4: 32, 64, 128 or 256 (smaller: more accurate, larger file).
         seed: Seed of the sampling generator; a fixed seed reproduces a run (null: a fresh random seed).
         prompt_style: How to frame the prompt: raw (as it is, stop only at eos), phi-2 ("Instruct: ...\\nOutput:"),
             phi-2-chat ("Alice: ...\\nBob:"), phi-1_5 or phi-1 ("...\\n\\nAnswer:"). A style also stops at the
@@ -78,10 +83,10 @@ def main(
         raise UserError(f"the prompt ({len(ids)} tokens) + --max_new_tokens {max_new_tokens} exceed the model's "
                         f"context of {block} tokens; use --max_new_tokens {block - len(ids)} or less")
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, device=device, dtype=dtype)
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize, group_size=group_size)
     print(f"Loaded {checkpoint_dir} on {device.type} in {precision} in {time.perf_counter() - t0:.2f} s",
           file=sys.stderr)
-    model.set_kv_cache(num_samples, max_seq_length=max_returned_tokens if not compile else block)
+    model.set_kv_cache(num_samples, max_seq_length=max_returned_tokens)
     kwargs = dict(num_samples=num_samples, stop_sequences=style.stop_sequences, top_k=top_k, top_p=top_p)
     decode_forward = None
     if compile:

@@ -428,19 +428,39 @@ def make_generator(device: torch.device, seed: Optional[int]) -> torch.Generator
 
 
 def compile_decode(model: GPT) -> Callable:
-    """The model's forward compiled for the one-token decode steps (static shapes, CUDA graphs on GPU)."""
-    on_gpu = model.lm_head.weight.device.type == "cuda"
-    return torch.compile(model, mode="reduce-overhead" if on_gpu else None, fullgraph=True, dynamic=False)
+    """The model's forward compiled for the one-token decode steps (static shapes).
+
+    GPU: CUDA graphs ("reduce-overhead"), which remove the per-kernel launch cost of a step.
+    CPU: "max-autotune" with inductor's freezing, which lets inductor pack the weights for its own
+    C++ GEMM kernels; on this project's 2-core AMD EPYC that doubled bf16 decode speed (phi-2:
+    1.9 -> 5.4 tokens/s, at the memory-bandwidth limit), at the cost of about two minutes of
+    compilation and a packed copy of the weights in memory.
+    """
+    if model.lm_head.weight.device.type == "cuda":
+        return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, mode="max-autotune", fullgraph=True, dynamic=False)
+
+    def forward(idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # freezing: the weights are constants of the graph, packed once when it compiles (on the first
+        # call); set here rather than globally, so other compilations in the process are unaffected
+        with inductor_config.patch(freezing=True):
+            return compiled(idx, input_pos)
+
+    return forward
 
 
 def decode_step_bytes(model: GPT, batch_size: int = 1) -> int:
-    """Bytes of weights one decode step reads: every parameter, but of the embedding only the looked-up rows.
-
-    (gpt-fast counts every parameter and buffer; the embedding table, 5% of phi-2, is not read in full.)
+    """Bytes of weights one decode step reads: every parameter and quantized weight buffer, but of the
+    embedding only the looked-up rows (gpt-fast counts the whole table, 5% of phi-2, which is not read).
     """
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = sum(t.nbytes for t in model.parameters())
+    # quantized layers hold their weights, scales and biases as buffers
+    total += sum(t.nbytes for name, t in model.named_buffers()
+                 if name not in ("cos", "sin", "causal_mask") and ".kv_cache." not in name)
     wte = model.transformer.wte.weight
-    return total - wte.numel() * wte.element_size() + batch_size * wte.size(1) * wte.element_size()
+    return total - wte.nbytes + batch_size * wte.size(1) * wte.element_size()
 
 
 def peak_memory(device: torch.device) -> str:

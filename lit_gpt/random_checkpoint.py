@@ -21,17 +21,19 @@ def write_random_hf_checkpoint(
     shards: int = 2,
     seed: int = 0,
     gpt2_dir: Optional[Path] = None,
+    config: Optional[Config] = None,
 ) -> Path:
     """Write config.json, generation_config.json, tokenizer files and `shards` safetensors shards + index.
 
     Weights are N(0, 0.02) (LayerNorms at 1 and 0), so activations stay in a sane range and the
     kernels do the same work as on the real weights. Shards are written one at a time.
+    `config` replaces the named config (for tests).
     """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = Config.from_name(model_name)
+    config = config or Config.from_name(model_name)
     shapes = expected_shapes(config)
     generator = torch.Generator().manual_seed(seed)
 
@@ -60,7 +62,7 @@ def write_random_hf_checkpoint(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     hf_config = hf_config_dict(config, dtype)
-    hf_config["_name_or_path"] = f"microsoft/{model_name}"
+    hf_config["_name_or_path"] = f"microsoft/{config.name}"
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
     write_phi_tokenizer(out_dir, gpt2_dir or GPT2_BPE)

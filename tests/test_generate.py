@@ -13,7 +13,7 @@ import torch
 from hf_checkpoints import lively_checkpoint
 from lit_gpt.checkpoint import load_model
 from lit_gpt.generate import (
-    Completion, choose_device, cpu_supports_bf16, generate, generate_tokens, make_generator, sample, stream, unescape,
+    Completion, choose_device, compile_decode, cpu_supports_bf16, generate, generate_tokens, make_generator, sample, stream, unescape,
 )
 from lit_gpt.prompts import STYLES, get_style, style_for_checkpoint
 from lit_gpt.tokenizer import Tokenizer
@@ -67,6 +67,17 @@ def test_greedy_batch_matches_transformers(ckpt):
     expected = greedy_hf(hf, prompt[None], 32)[0].tolist()
     assert [c.ids for c in completions] == [expected] * 3
     assert all(c.finish_reason == "length" and c.text == tokenizer.decode(expected) for c in completions)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_compiled_decode_gives_the_eager_tokens(ckpt, quantize):
+    d = ckpt[0]
+    model = load_model(d, quantize=quantize)
+    prompt = torch.randint(0, 50000, (6,))
+    eager = torch.stack(list(generate_tokens(model, prompt, 6 + 16, temperature=0.0)), dim=1)
+    compiled = compile_decode(model)
+    ours = torch.stack(list(generate_tokens(model, prompt, 6 + 16, temperature=0.0, decode_forward=compiled)), dim=1)
+    assert ours.tolist() == eager.tolist()
 
 
 def test_generate_continues_a_cache(ckpt):

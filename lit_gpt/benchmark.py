@@ -1,0 +1,208 @@
+"""Speed and memory of generation, ours in several precisions/quantizations against transformers, in one run.
+
+Each configuration runs in its own child process, so load time and peak resident memory are its own.
+The machine's memory read bandwidth is measured in the same run, as the yardstick for decode speed:
+at batch 1 a decode step reads every weight once, so tokens/s x bytes per step is the bandwidth used.
+"""
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lit_gpt.utils import UserError
+
+PROMPT = "def print_prime(n):\n    \"\"\"\n    Print all primes between 1 and n\n    \"\"\"\n"
+
+
+def read_bandwidth(gigabytes: float = 2.0, repeats: int = 7) -> float:
+    """GB/s of a sum over a float32 tensor far larger than the caches (median of `repeats`)."""
+    x = torch.ones(int(gigabytes * 1e9) // 4)
+    x.sum()  # touch every page once
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / statistics.median(times) / 1e9
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes (memory-mapped weights that were read included)."""
+    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def _timed_tokens(run) -> tuple[float, list[float]]:
+    """Call `run(on_token)`; return the start time and the time of every token."""
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    run(lambda: stamps.append(time.perf_counter()))
+    return t0, stamps
+
+
+def _summary(t0: float, stamps: list[float], prompt_len: int, step_bytes: int) -> dict:
+    ttft = stamps[0] - t0
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return dict(ttft=ttft, prefill_tps=prompt_len / ttft, decode_tps=decode, step_gb=step_bytes / 1e9,
+                gbps=decode * step_bytes / 1e9, new_tokens=len(stamps))
+
+
+def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bool, group_size: int) -> dict:
+    """Greedy generation with our model: `mode` is bf16, fp32, int8 or int4 (int ones on bf16 activations)."""
+    from lit_gpt.checkpoint import load_model
+    from lit_gpt.generate import compile_decode, decode_step_bytes, generate_tokens
+    from lit_gpt.tokenizer import Tokenizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=None if mode in ("bf16", "fp32") else mode,
+                       group_size=group_size)
+    load_s = time.perf_counter() - t0
+    ids = Tokenizer(checkpoint_dir).encode(PROMPT, device=device)
+    total = len(ids) + max_new_tokens
+    model.set_kv_cache(1, max_seq_length=total)
+    forward = compile_decode(model) if compile else None
+
+    def run(on_token) -> None:
+        for token in generate_tokens(model, ids, total, temperature=0.0, decode_forward=forward):
+            token.item()  # wait for the device, as a user printing the token would
+            on_token()
+
+    first = _summary(*_timed_tokens(run), len(ids), decode_step_bytes(model))  # cold: pages, compilation
+    steady = _summary(*_timed_tokens(run), len(ids), decode_step_bytes(model))
+    return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), device=device.type,
+                peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+
+
+def bench_transformers(hf_dir: Path, max_new_tokens: int) -> dict:
+    """transformers' PhiForCausalLM.generate on the same weights, bf16, greedy, with a token-timing streamer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.streamers import BaseStreamer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
+    load_s = time.perf_counter() - t0
+    ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT, return_tensors="pt")["input_ids"].to(device)
+
+    class Stamps(BaseStreamer):
+        def __init__(self, on_token) -> None:
+            self.on_token, self.prompt_seen = on_token, False
+
+        def put(self, value) -> None:
+            if self.prompt_seen:  # the first put is the prompt itself
+                self.on_token()
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    def run(on_token) -> None:
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                       min_new_tokens=max_new_tokens, streamer=Stamps(on_token), pad_token_id=50256)
+
+    step_bytes = sum(p.nbytes for n, p in model.named_parameters() if "embed_tokens" not in n)
+    first = _summary(*_timed_tokens(run), ids.shape[1], step_bytes)
+    steady = _summary(*_timed_tokens(run), ids.shape[1], step_bytes)
+    return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), device=device.type,
+                peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+
+
+def run_child(args: list[str]) -> dict:
+    """Run one configuration in a fresh process; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, "-m", "lit_gpt.benchmark", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def benchmark(
+    checkpoint_dir: Path = Path("checkpoints/microsoft/phi-2"),
+    modes: tuple[str, ...] = ("bf16", "int8", "int4"),
+    max_new_tokens: int = 64,
+    compile: bool = False,
+    group_size: int = 32,
+    transformers: bool = True,
+    make_random: Optional[str] = None,
+) -> list[dict]:
+    """Benchmark generation, ours in each mode against transformers on the same weights, and print a table.
+
+    The table holds load time, time to first token, prefill and decode tokens/s, memory bandwidth
+    achieved (and its share of this machine's read bandwidth, measured in the same run) and peak
+    resident memory, for each mode, and for transformers on the same checkpoint when its Hugging Face
+    files are present. Batch 1, greedy, a short code prompt; each run in its own process.
+
+    Args:
+        checkpoint_dir: A checkpoint directory with lit_model.pth (and the Hugging Face files for transformers).
+        modes: Which of bf16, fp32, int8, int4 to run, e.g. --modes '[bf16, int4]'.
+        max_new_tokens: Tokens to decode per run.
+        compile: Run our decode steps through torch.compile.
+        group_size: Group size for int4.
+        transformers: Also run transformers' generate on the Hugging Face files in checkpoint_dir.
+        make_random: phi-2, phi-1_5 or phi-1: first write a random-weight checkpoint of that shape into
+            checkpoint_dir (Hub file layout, then converted), unless one is there, to benchmark without the Hub.
+
+    Returns:
+        The rows of the table.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if make_random and not (checkpoint_dir / "lit_model.pth").is_file():
+        from lit_gpt.checkpoint import convert_hf_checkpoint
+        from lit_gpt.random_checkpoint import write_random_hf_checkpoint
+
+        print(f"writing a random {make_random} checkpoint to {checkpoint_dir}", file=sys.stderr)
+        write_random_hf_checkpoint(checkpoint_dir, make_random)
+        convert_hf_checkpoint(checkpoint_dir)
+    if not (checkpoint_dir / "lit_model.pth").is_file():
+        raise UserError(f"{checkpoint_dir} holds no converted checkpoint; convert it, or pass --make_random phi-2")
+    for mode in modes:
+        if mode not in ("bf16", "fp32", "int8", "int4"):
+            raise UserError(f"unknown mode {mode!r}; choose from bf16, fp32, int8, int4")
+
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth (sum over 2 GB of float32): {bandwidth:.1f} GB/s", file=sys.stderr)
+    rows = []
+    for mode in modes:
+        print(f"running ours {mode}{' compiled' if compile else ''} ...", file=sys.stderr)
+        rows.append(dict(name=f"ours {mode}{' +compile' if compile else ''}", **run_child(
+            ["ours", str(checkpoint_dir), mode, str(max_new_tokens), str(int(compile)), str(group_size)])))
+    if transformers and (checkpoint_dir / "config.json").is_file():
+        print("running transformers bf16 ...", file=sys.stderr)
+        rows.append(dict(name="transformers bf16", **run_child(["transformers", str(checkpoint_dir), str(max_new_tokens)])))
+    print_table(rows, bandwidth, checkpoint_dir, max_new_tokens)
+    return rows
+
+
+def print_table(rows: list[dict], bandwidth: float, checkpoint_dir: Path, max_new_tokens: int) -> None:
+    ref = next((r for r in rows if r["name"].startswith("transformers") and "error" not in r), None)
+    print(f"\n{checkpoint_dir}, batch 1, greedy, {max_new_tokens} new tokens; read bandwidth {bandwidth:.1f} GB/s\n")
+    head = ("| run | load s | first token s | prefill tok/s | decode tok/s | GB/step | GB/s | % of read BW "
+            "| peak RSS GB | decode vs transformers |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | error: {r['error']} |")
+            continue
+        ratio = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "-"
+        print(f"| {r['name']} | {r['load_s']:.1f} | {r['ttft']:.2f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} "
+              f"| {r['step_gb']:.3g} | {r['gbps']:.3g} | {100 * r['gbps'] / bandwidth:.0f}% "
+              f"| {r['peak_rss'] / 1e9:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark ours|transformers ...
+    kind, path, *rest = sys.argv[1:]
+    if kind == "ours":
+        mode, new, comp, group = rest
+        result = bench_ours(Path(path), mode, int(new), bool(int(comp)), int(group))
+    else:
+        result = bench_transformers(Path(path), int(rest[0]))
+    print(json.dumps(result))

@@ -1,0 +1,56 @@
+"""The benchmark runs end to end on a tiny checkpoint and prints a row per configuration."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
+import torch
+
+from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+from lit_gpt.config import Config
+from lit_gpt.random_checkpoint import write_random_hf_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_prints_every_row(tmp_path):
+    make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
+    convert_hf_checkpoint(tmp_path, progress=False)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/benchmark.py"), "--checkpoint_dir", str(tmp_path),
+         "--modes", "[bf16, int8, int4]", "--max_new_tokens", "8"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"memory read bandwidth .*: [\d.]+ GB/s", proc.stderr)
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"ours bf16", "ours int8", "ours int4", "transformers bf16"}, proc.stdout
+    for name in ("ours bf16", "ours int8", "ours int4", "transformers bf16"):
+        cells = [c.strip() for c in rows[name].split("|")[2:-1]]
+        assert "error" not in rows[name], rows[name]
+        numbers = [float(c.rstrip("%x")) for c in cells]
+        assert all(n > 0 for n in numbers), rows[name]
+    # bytes per step: int8 stores about half of bf16, int4 about a quarter (plus scales)
+    gb = {name: float(rows[name].split("|")[6]) for name in ("ours bf16", "ours int8", "ours int4")}
+    assert gb["ours int4"] < gb["ours int8"] < gb["ours bf16"]
+
+
+def test_random_checkpoint_has_the_real_layout_and_converts(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    config = Config.from_name("phi-1_5", n_layer=2)  # phi-1_5's shape with fewer layers, to stay fast
+    write_random_hf_checkpoint(tmp_path, config=config, shards=3)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    for name in ("model.safetensors.index.json", "config.json", "tokenizer.json", "generation_config.json"):
+        assert (tmp_path / name).is_file()
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (hf.config.hidden_size, hf.config.num_hidden_layers, hf.config.intermediate_size) == (2048, 2, 8192)
+
+    convert_hf_checkpoint(tmp_path, progress=False)
+    ours = load_model(tmp_path, dtype=torch.float32)
+    idx = torch.tensor([[15496, 995, 11, 703]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf.eval()(idx).logits, atol=1e-4, rtol=0)
