@@ -7,9 +7,11 @@ at batch 1 a decode step reads every weight once, so tokens/s x bytes per step i
 
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -53,8 +55,22 @@ def _summary(t0: float, stamps: list[float], prompt_len: int, step_bytes: int) -
                 gbps=decode * step_bytes / 1e9, new_tokens=len(stamps))
 
 
-def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bool, group_size: int) -> dict:
-    """Greedy generation with our model: `mode` is bf16, fp32, int8 or int4 (int ones on bf16 activations)."""
+def quality_text() -> str:
+    """A few hundred tokens of real English text that ships with Python and with this repo."""
+    import codecs
+    import this  # noqa: F401 (prints the Zen of Python once, to stdout; the parent reads only the last line)
+
+    license = (Path(__file__).resolve().parent.parent / "tests" / "data" / "gpt2-bpe" / "LICENSE").read_text()
+    return codecs.decode(this.s, "rot13") + "\n\n" + license
+
+
+def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bool, group_size: int,
+               reference: Path) -> dict:
+    """Greedy generation with our model: `mode` is bf16, fp32, int8 or int4 (int ones on bf16 activations).
+
+    Also scores the logits over `quality_text`: bf16 stores them in `reference`, the quantized modes
+    report their relative error and top-1 agreement against it.
+    """
     from lit_gpt.checkpoint import load_model
     from lit_gpt.generate import compile_decode, decode_step_bytes, generate_tokens
     from lit_gpt.tokenizer import Tokenizer
@@ -77,8 +93,20 @@ def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bo
 
     first = _summary(*_timed_tokens(run), len(ids), decode_step_bytes(model))  # cold: pages, compilation
     steady = _summary(*_timed_tokens(run), len(ids), decode_step_bytes(model))
-    return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), device=device.type,
-                peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+    result = dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), device=device.type,
+                  peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+
+    text = Tokenizer(checkpoint_dir).encode(quality_text(), device=device)[None, :model.config.block_size]
+    with torch.inference_mode():
+        logits = model(text).float().cpu()[0]
+    if mode == "bf16":
+        torch.save(logits, reference)
+    elif mode in ("int8", "int4") and reference.is_file():
+        ref = torch.load(reference)
+        result["rel_error"] = float((logits - ref).norm() / ref.norm())
+        result["top1"] = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
+        result["positions"] = ref.size(0)
+    return result
 
 
 def bench_transformers(hf_dir: Path, max_new_tokens: int) -> dict:
@@ -167,16 +195,19 @@ def benchmark(
         if mode not in ("bf16", "fp32", "int8", "int4"):
             raise UserError(f"unknown mode {mode!r}; choose from bf16, fp32, int8, int4")
 
+    reference = Path(tempfile.mkdtemp()) / "bf16_logits.pt"  # the bf16 run's logits, to score the others
     bandwidth = read_bandwidth()
     print(f"memory read bandwidth (sum over 2 GB of float32): {bandwidth:.1f} GB/s", file=sys.stderr)
     rows = []
     for mode in modes:
         print(f"running ours {mode}{' compiled' if compile else ''} ...", file=sys.stderr)
         rows.append(dict(name=f"ours {mode}{' +compile' if compile else ''}", **run_child(
-            ["ours", str(checkpoint_dir), mode, str(max_new_tokens), str(int(compile)), str(group_size)])))
+            ["ours", str(checkpoint_dir), mode, str(max_new_tokens), str(int(compile)), str(group_size),
+             str(reference)])))
     if transformers and (checkpoint_dir / "config.json").is_file():
         print("running transformers bf16 ...", file=sys.stderr)
         rows.append(dict(name="transformers bf16", **run_child(["transformers", str(checkpoint_dir), str(max_new_tokens)])))
+    shutil.rmtree(reference.parent, ignore_errors=True)
     print_table(rows, bandwidth, checkpoint_dir, max_new_tokens)
     return rows
 
@@ -196,13 +227,20 @@ def print_table(rows: list[dict], bandwidth: float, checkpoint_dir: Path, max_ne
         print(f"| {r['name']} | {r['load_s']:.1f} | {r['ttft']:.2f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} "
               f"| {r['step_gb']:.3g} | {r['gbps']:.3g} | {100 * r['gbps'] / bandwidth:.0f}% "
               f"| {r['peak_rss'] / 1e9:.2f} | {ratio} |")
+    scored = [r for r in rows if "rel_error" in r]
+    if scored:
+        print(f"\nQuantized logits against bf16 over {scored[0]['positions']} positions of real text "
+              "(the Zen of Python and the MIT license):\n")
+        print("| run | relative error of logits | top-1 agreement |\n|---|---|---|")
+        for r in scored:
+            print(f"| {r['name']} | {100 * r['rel_error']:.2f}% | {100 * r['top1']:.1f}% |")
 
 
 if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark ours|transformers ...
     kind, path, *rest = sys.argv[1:]
     if kind == "ours":
-        mode, new, comp, group = rest
-        result = bench_ours(Path(path), mode, int(new), bool(int(comp)), int(group))
+        mode, new, comp, group, reference = rest
+        result = bench_ours(Path(path), mode, int(new), bool(int(comp)), int(group), Path(reference))
     else:
         result = bench_transformers(Path(path), int(rest[0]))
     print(json.dumps(result))

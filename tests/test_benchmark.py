@@ -24,7 +24,8 @@ def test_benchmark_prints_every_row(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"memory read bandwidth .*: [\d.]+ GB/s", proc.stderr)
-    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and line.count("|") == 11}  # the speed table, not the quality one
     assert set(rows) >= {"ours bf16", "ours int8", "ours int4", "transformers bf16"}, proc.stdout
     for name in ("ours bf16", "ours int8", "ours int4", "transformers bf16"):
         cells = [c.strip() for c in rows[name].split("|")[2:-1]]
@@ -34,6 +35,11 @@ def test_benchmark_prints_every_row(tmp_path):
     # bytes per step: int8 stores about half of bf16, int4 about a quarter (plus scales)
     gb = {name: float(rows[name].split("|")[6]) for name in ("ours bf16", "ours int8", "ours int4")}
     assert gb["ours int4"] < gb["ours int8"] < gb["ours bf16"]
+    # quantized logits scored against bf16 on real text: small error, mostly the same top-1 token
+    quality = re.findall(r"^\| ours (int8|int4) \| ([\d.]+)% \| ([\d.]+)% \|$", proc.stdout, re.M)
+    assert [q[0] for q in quality] == ["int8", "int4"], proc.stdout
+    (_, err8, top8), (_, err4, top4) = quality
+    assert 0 < float(err8) < float(err4) < 50 and float(top8) >= 90 and float(top4) >= 50
 
 
 def test_random_checkpoint_has_the_real_layout_and_converts(tmp_path):
