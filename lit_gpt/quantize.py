@@ -14,7 +14,7 @@ The kernels (measured with scripts/bench_kernels.py; see the numbers there):
   The packed weight layout is the kernel's own and differs per device (and per CPU instruction
   set), so layers are packed for the device their weight is on when `quantize_model` runs.
 
-torchao (extra "quant") wraps these same aten kernels on CPU, so nothing here needs it.
+torchao wraps these same aten kernels on CPU, so nothing here needs it.
 
 Checkpoints: `state_dict()` of a quantized layer holds a portable form (int8: q and scales; int4:
 q as two nibbles per byte, high nibble first, plus tinygemm's scales_and_zeros), converted to the
