@@ -218,13 +218,12 @@ def convert_hf_checkpoint(
     scheme = detect_scheme(set(weights.where))
     names = name_map(config, scheme)
     shapes = expected_shapes(config)
-    wanted = {n for sources in names.values() for n in sources}
-    for lit_name, sources in names.items():
-        for source in sources:
-            if source not in weights.where:
-                raise UserError(f"tensor {source} is missing from the checkpoint in {checkpoint_dir} "
-                                f"(expected for {config.n_layer} layers, scheme {scheme})")
-    unexpected = sorted(n for n in weights.where if n not in wanted and not n.endswith(IGNORED_SUFFIXES))
+    wanted = [n for sources in names.values() for n in sources]
+    missing = [n for n in wanted if n not in weights.where]
+    if missing:
+        raise UserError(f"tensor {missing[0]} is missing from the checkpoint in {checkpoint_dir} "
+                        f"(expected for {config.n_layer} layers, scheme {scheme})")
+    unexpected = sorted(n for n in set(weights.where).difference(wanted) if not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
         raise UserError(f"unexpected tensor {unexpected[0]} in the checkpoint in {checkpoint_dir} "
                         f"({len(unexpected)} in all); it does not match the config")
