@@ -6,6 +6,7 @@ Phi checkpoints have had on the Hub; both converters are driven by it.
 
 import io
 import json
+import mmap
 import pickle
 import shutil
 import sys
@@ -373,9 +374,11 @@ def load_model(
             quantize_model(block, quantize, group_size)
             for weight in weights:
                 pages.release(weight)
+            pages.trim_heap()
         head = model.lm_head.weight
         quantize_model(model, quantize, group_size)
         pages.release(head)
+        pages.trim_heap()
     return model.eval()
 
 
@@ -403,40 +406,42 @@ def _load_bitsandbytes(config: Config, state_dict: dict, device: torch.device, d
 
 
 class _FilePages:
-    """Hands pages of the memory-mapped checkpoint back to the OS once the tensors on them are done with.
+    """Hands memory back to the OS while a memory-mapped checkpoint is converted or quantized.
 
     Pages of a file mapping that were read stay counted as resident while the mapping lives (and it
     lives as long as any tensor from the file). After a tensor was converted or quantized, its pages
     are dropped with madvise(MADV_DONTNEED): the mapping is private and never written, so a page
     that is read again is simply read from the file again. Only ranges inside the mapping are touched.
+    glibc also keeps freed temporaries (the quantizer's float chunks) in its heap; malloc_trim returns them.
     """
 
     def __init__(self, tensors) -> None:
         cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
         self.start = min((t.data_ptr() for t in cpu), default=0)
         self.end = max((t.data_ptr() + t.nbytes for t in cpu), default=0)
-        self.madvise = None
         try:
             import ctypes
-            import mmap
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            self.madvise = lambda addr, length: libc.madvise(addr, length, mmap.MADV_DONTNEED)
-            self.page = mmap.PAGESIZE
-        except (OSError, AttributeError):  # not Linux: pages are left to the OS
-            pass
+            self.libc = ctypes.CDLL(None, use_errno=True)
+            self.libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            self.libc.malloc_trim  # glibc only
+        except (OSError, AttributeError):  # not Linux/glibc: memory is left to the OS
+            self.libc = None
 
     def release(self, tensor: torch.Tensor) -> None:
-        if self.madvise is None or tensor.device.type != "cpu":
+        if self.libc is None or tensor.device.type != "cpu":
             return
         begin, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
         if not (self.start <= begin and end <= self.end):
             return  # not from the file (already converted): never drop anonymous memory
-        begin = -(-begin // self.page) * self.page  # whole pages inside the tensor only
-        end = end // self.page * self.page
+        begin = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        end = end // mmap.PAGESIZE * mmap.PAGESIZE
         if end > begin:
-            self.madvise(begin, end - begin)
+            self.libc.madvise(begin, end - begin, mmap.MADV_DONTNEED)
+
+    def trim_heap(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
 
 
 def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:

@@ -320,6 +320,10 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to what 
 before = status("VmRSS")
 if sys.argv[1] == "convert":
     convert_hf_checkpoint(sys.argv[2], progress=False)
+elif sys.argv[1] in ("int8", "int4"):
+    from lit_gpt.checkpoint import load_model
+    model = load_model(sys.argv[2], quantize=sys.argv[1])
+    print(sum(t.nbytes for t in list(model.parameters()) + list(model.buffers())))
 else:  # control: reading the whole model must show up, or the measurement means nothing
     sd = torch.load(sys.argv[2] + "/lit_model.pth", weights_only=True)
 print(status("VmHWM") - before)
@@ -344,3 +348,20 @@ def test_conversion_memory_stays_near_one_tensor(tmp_path, fmt):
     assert grown("control") > model_bytes * 0.9
     print(f"{fmt}: peak RSS grew by {converting / 1e6:.1f} MB converting {model_bytes / 1e6:.0f} MB")
     assert converting < model_bytes / 10
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_load_memory_follows_the_result(tmp_path, mode):
+    """Quantizing at load hands the float pages back: peak growth is near the quantized size, not float + quantized."""
+    config = tiny_hf_config(n_embd=512, n_head=8, n_layer=24, vocab_size=1024)
+    make_hf_checkpoint(tmp_path, config, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16", progress=False)
+    float_bytes = (tmp_path / "lit_model.pth").stat().st_size
+    out = subprocess.run([sys.executable, "-c", MEASURE_PEAK.format(root=str(ROOT)), mode, str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    quantized_bytes, grown = int(out[0]), int(out[1])
+    print(f"{mode}: peak grew by {grown / 1e6:.0f} MB for {quantized_bytes / 1e6:.0f} MB quantized, "
+          f"{float_bytes / 1e6:.0f} MB bf16")
+    assert quantized_bytes < float_bytes * 0.6
+    # without handing pages back it would grow by about float_bytes + quantized_bytes
+    assert grown < quantized_bytes + float_bytes / 2
