@@ -224,8 +224,8 @@ def print_table(rows: list[dict], bandwidth: float, checkpoint_dir: Path, max_ne
             print(f"| {r['name']} | error: {r['error']} |")
             continue
         ratio = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "-"
-        print(f"| {r['name']} | {r['load_s']:.1f} | {r['ttft']:.2f} | {r['prefill_tps']:.1f} | {r['decode_tps']:.2f} "
-              f"| {r['step_gb']:.3g} | {r['gbps']:.3g} | {100 * r['gbps'] / bandwidth:.0f}% "
+        print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
+              f"| {r['step_gb']:.3g} | {r['gbps']:.3g} | {100 * r['gbps'] / bandwidth:.3g}% "
               f"| {r['peak_rss'] / 1e9:.2f} | {ratio} |")
     scored = [r for r in rows if "rel_error" in r]
     if scored:
