@@ -12,8 +12,8 @@ import torch
 from lit_gpt.checkpoint import load_model
 from lit_gpt.config import Config
 from lit_gpt.generate import (
-    check_sampling, choose_device, compile_decode, decode_step_bytes, generate, make_generator, peak_memory, stream,
-    sync, unescape,
+    check_context, check_sampling, choose_device, compile_decode, decode_step_bytes, generate, make_generator, peak_memory,
+    stream, sync, unescape,
 )
 from lit_gpt.prompts import get_style
 from lit_gpt.tokenizer import Tokenizer
@@ -76,12 +76,7 @@ def main(
     max_returned_tokens = len(ids) + max_new_tokens
     # check the length before loading the weights, which can take a while
     block = Config.from_json(Path(checkpoint_dir) / "lit_config.json").block_size
-    if len(ids) >= block:
-        raise UserError(f"the prompt is {len(ids)} tokens, longer than the model's context of {block} tokens "
-                        "(which must also hold at least one new token); shorten it")
-    if max_returned_tokens > block:
-        raise UserError(f"the prompt ({len(ids)} tokens) + --max_new_tokens {max_new_tokens} exceed the model's "
-                        f"context of {block} tokens; use --max_new_tokens {block - len(ids)} or less")
+    check_context(block, len(ids), max_returned_tokens)
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize, group_size=group_size)
     print(f"Loaded {checkpoint_dir} on {device.type} in {precision} in {time.perf_counter() - t0:.2f} s",

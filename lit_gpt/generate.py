@@ -84,16 +84,16 @@ def _ensure_kv_cache(model: GPT, batch_size: int, length: int, start_pos: int) -
     model.set_kv_cache(batch_size, max_seq_length=length)
 
 
-def check_context(model: GPT, prompt_len: int, max_returned_tokens: int, start_pos: int = 0) -> None:
-    """UserError unless start_pos + max_returned_tokens (prompt + new tokens) fit the model's context."""
-    block = model.config.block_size
-    if start_pos + prompt_len >= block:
-        raise UserError(f"the prompt is {start_pos + prompt_len} tokens but the model's context is {block} "
-                        "tokens, with room for at least one new token; shorten the prompt")
+def check_context(block: int, prompt_len: int, max_returned_tokens: int, start_pos: int = 0) -> None:
+    """UserError unless start_pos + max_returned_tokens (prompt + new tokens) fit a context of `block` tokens."""
+    prompt_len += start_pos
+    if prompt_len >= block:
+        raise UserError(f"the prompt is {prompt_len} tokens, longer than the model's context of {block} tokens "
+                        "(which must also hold at least one new token); shorten it")
     if start_pos + max_returned_tokens > block:
-        raise UserError(f"{start_pos + prompt_len} prompt tokens + {max_returned_tokens - prompt_len} new tokens "
-                        f"exceed the model's context of {block} tokens; ask for at most "
-                        f"{block - start_pos - prompt_len} new tokens")
+        raise UserError(f"the prompt ({prompt_len} tokens) + {start_pos + max_returned_tokens - prompt_len} new "
+                        f"tokens exceed the model's context of {block} tokens; use --max_new_tokens "
+                        f"{block - prompt_len} or less")
 
 
 @torch.inference_mode()
@@ -123,7 +123,7 @@ def generate_tokens(
     B, T = prompt.shape
     if T == 0:
         raise UserError("the prompt is empty; generation needs at least one token to start from")
-    check_context(model, T, max_returned_tokens, start_pos)
+    check_context(model.config.block_size, T, max_returned_tokens, start_pos)
     _ensure_kv_cache(model, B, start_pos + max_returned_tokens, start_pos)
     device = prompt.device
 
