@@ -14,7 +14,7 @@ import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from lit_gpt.utils import UserError
+from lit_gpt.utils import UserError, first_line
 
 EOT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257  # ids 0..50256; 50256 is <|endoftext|>
@@ -102,8 +102,7 @@ class Tokenizer:
         try:
             self.processor = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"cannot read {path} ({reason}); download it again with `{DOWNLOAD_HINT}`")
+            raise UserError(f"cannot read {path} ({first_line(e)}); download it again with `{DOWNLOAD_HINT}`")
         self.checkpoint_dir = checkpoint_dir
         self.bos_id, self.eos_id = self._special_ids(checkpoint_dir)
         self._id_bytes: Optional[list[bytes]] = None  # built on the first stream_decoder() call
