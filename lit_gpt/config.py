@@ -8,6 +8,10 @@ from typing import Any, Optional
 from lit_gpt.utils import UserError
 
 
+# config.json's model_type of the three formats Phi checkpoints have had on the Hub
+PHI_MODEL_TYPES = ("phi", "phi-msft", "mixformer-sequential")
+
+
 @dataclass
 class Config:
     name: str = ""
@@ -119,7 +123,7 @@ class Config:
                 activation = hf.get("activation_function", "gelu_new")
             else:
                 raise UserError(f"{path}: model_type {model_type!r} is not a Phi model "
-                                "(expected 'phi', 'phi-msft' or 'mixformer-sequential')")
+                                f"(expected one of {', '.join(PHI_MODEL_TYPES)})")
         except KeyError as e:
             raise UserError(f"{path} lacks the key {e}; it is not a complete Phi config.json")
         if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):

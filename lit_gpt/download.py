@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from lit_gpt.config import PHI_MODEL_TYPES
 from lit_gpt.utils import UserError, atomic_path, first_line
 
 SUPPORTED_REPO_IDS = ("microsoft/phi-1", "microsoft/phi-1_5", "microsoft/phi-2")
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "special_tokens_map.json")
-PHI_MODEL_TYPES = ("phi", "phi-msft", "mixformer-sequential")
 WEIGHT_KINDS = {  # kind -> (file suffix, index file)
     "safetensors": (".safetensors", "model.safetensors.index.json"),
     "bin": (".bin", "pytorch_model.bin.index.json"),
