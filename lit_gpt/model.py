@@ -4,7 +4,8 @@ Read top to bottom: GPT -> Block -> CausalSelfAttention / MLP -> rotary helpers 
 """
 
 import math
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -70,6 +71,12 @@ class GPT(nn.Module):
         With `input_pos` (T positions): tokens are written into the KV cache at those positions and
         attend to everything cached before them (prefill of a prompt or of a new chat turn, decode).
         """
+        if idx.numel() == 1 and idx.device.type == "cpu" and not torch.compiler.is_compiling():
+            with onednn_disabled():
+                return self._forward(idx, input_pos)
+        return self._forward(idx, input_pos)
+
+    def _forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
         T = idx.size(1)
         if input_pos is None:
             if T > self.config.block_size:
@@ -96,6 +103,22 @@ class GPT(nn.Module):
         if input_pos.numel() == 1:
             return end, None
         return end, self.causal_mask[input_pos, :end]
+
+
+@contextmanager
+def onednn_disabled() -> Iterator[None]:
+    """Send CPU matmuls to ATen's own kernels instead of oneDNN, for one-row (decode) steps.
+
+    With a single row, ATen runs a bf16/fp16 matrix-vector product with fp32 accumulation that streams
+    the weights at about the memory bandwidth; oneDNN's matmul reaches about 60% of it on these CPUs
+    (scripts/bench_kernels.py, phase bf16). With more rows oneDNN is the faster one, so it stays on.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 class Block(nn.Module):

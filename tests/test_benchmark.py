@@ -23,9 +23,9 @@ def test_benchmark_prints_every_row(tmp_path):
          "--modes", "[bf16, int8, int4]", "--max_new_tokens", "8"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"memory read bandwidth .*: [\d.]+ GB/s", proc.stderr)
+    assert len(re.findall(r"read bandwidth [\d.]+ GB/s; running", proc.stderr)) == 4
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()
-            if line.startswith("| ") and line.count("|") == 11}  # the speed table, not the quality one
+            if line.startswith("| ") and line.count("|") == 12}  # the speed table, not the quality one
     assert set(rows) >= {"ours bf16", "ours int8", "ours int4", "transformers bf16"}, proc.stdout
     for name in ("ours bf16", "ours int8", "ours int4", "transformers bf16"):
         cells = [c.strip() for c in rows[name].split("|")[2:-1]]
