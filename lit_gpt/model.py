@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_gpt import gemv
 from lit_gpt.config import Config
 
 
@@ -18,7 +19,7 @@ class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -105,9 +106,21 @@ class GPT(nn.Module):
         return end, self.causal_mask[input_pos, :end]
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state dict) whose one-row CPU products, i.e. decode steps,
+    go through our AVX-512 kernel (lit_gpt/gemv.py) where the CPU and a C compiler allow."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.weight.dtype == torch.bfloat16 and (self.bias is None or self.bias.dtype == torch.bfloat16)
+                and gemv.takes(x, self.in_features, self.weight, self.bias)):
+            return gemv.linear_bf16(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 @contextmanager
 def onednn_disabled() -> Iterator[None]:
-    """Send CPU matmuls to ATen's own kernels instead of oneDNN, for one-row (decode) steps.
+    """Send CPU matmuls to ATen's own kernels instead of oneDNN, for one-row (decode) steps that our
+    kernels do not take (other dtypes, or where gemv.c cannot be built).
 
     With a single row, ATen runs a bf16/fp16 matrix-vector product with fp32 accumulation that streams
     the weights at about the memory bandwidth; oneDNN's matmul reaches about 60% of it on these CPUs
@@ -140,8 +153,8 @@ class CausalSelfAttention(nn.Module):
         # q, k and v fused in one matmul, laid out per query group: [q.. , k, v] for each group
         # (lit-gpt's layout, so lit-gpt checkpoints load as they are)
         qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
-        self.attn = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
-        self.proj = nn.Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
+        self.attn = Linear(config.n_embd, qkv_size, bias=config.bias)
+        self.proj = Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         self.config = config
         self.kv_cache: Optional[KVCache] = None
 
@@ -175,8 +188,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
-        self.proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.fc = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))

@@ -5,12 +5,14 @@ bound by memory bandwidth: storing weights in 8 or 4 bits reads 2x or ~3.5x fewe
 The kernels (measured with scripts/bench_kernels.py; see the numbers there):
 
 - int8, per output channel, symmetric: `W ~ q * scale[n]`, q in [-127, 127].
-  CPU: `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations).
+  CPU: one bf16 row (a decode step) goes through our gemv.c kernel where it builds (AVX-512 BF16),
+  everything else through `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations).
   CUDA and others: `F.linear(x, q.to(x.dtype)) * scale`, the pattern that inductor turns into a
   fused kernel under torch.compile (gpt-fast's int8 path); eager it is correct but not fast.
 - int4, group-wise, asymmetric (tinygemm's convention): `W ~ (q - 8) * scale[n, g] + zero[n, g]`,
   q in [0, 15], one (scale, zero) pair per `group_size` consecutive inputs.
-  CPU: `aten._weight_int4pack_mm_for_cpu`; CUDA: `aten._weight_int4pack_mm` (tinygemm, bf16 only).
+  CPU: `aten._weight_int4pack_mm_for_cpu`, and for one bf16 row our gemv.c kernel, which reads
+  the same packed weight; CUDA: `aten._weight_int4pack_mm` (tinygemm, bf16 only).
   The packed weight layout is the kernel's own and differs per device (and per CPU instruction
   set), so layers are packed for the device their weight is on when `quantize_model` runs.
 
@@ -30,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_gpt import gemv
 from lit_gpt.utils import UserError
 
 aten = torch.ops.aten
@@ -131,6 +134,8 @@ class Int8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _bf16(self.scales, self.bias) and gemv.takes(x, self.in_features, self.weight, self.scales, self.bias):
+            return gemv.linear_int8(x, self.weight, self.scales, self.bias)  # a decode step on CPU
         x2 = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
         if x.device.type == "cpu":
@@ -195,6 +200,22 @@ def _int4_slots(rows: int, cols: int, device: torch.device) -> torch.Tensor:
         probe = ((index >> shift) & 15).view(rows, cols)
         slots |= _nibbles(_pack_int4(probe, device.type)).int() << shift
     return slots  # int32: 4 MB per chunk shape in the cache
+
+
+@lru_cache(maxsize=1)
+def _cpu_int4_layout_is_gemvs() -> bool:
+    """Whether this torch packs int4 for the CPU the way lit_gpt/gemv.c reads it: blocks of 64 rows,
+    32 bytes per column, byte j holding row j (low nibble) and row j + 32 (high nibble)."""
+    rows, cols = 128, 64
+    i = torch.arange(rows * cols)
+    byte, high = i // 2, i % 2
+    block, column, j = byte // (cols * 32), byte % (cols * 32) // 32, byte % 32
+    expected = (block * 64 + j + 32 * high) * cols + column
+    return torch.equal(_int4_slots(rows, cols, torch.device("cpu")).long(), expected)
+
+
+def _bf16(*tensors: Optional[torch.Tensor]) -> bool:
+    return all(t is None or t.dtype == torch.bfloat16 for t in tensors)
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -268,6 +289,9 @@ class Int4Linear(nn.Module):
         return torch.cat([_pack_int4(q[rows].contiguous(), q.device.type) for rows in _row_chunks(*q.shape)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.padded_out % 64 == 0 and _bf16(self.scales_and_zeros, self.bias) and _cpu_int4_layout_is_gemvs()
+                and gemv.takes(x, self.in_features, self.weight, self.scales_and_zeros, self.bias)):
+            return gemv.linear_int4(x, self.weight, self.scales_and_zeros, self.bias, self.out_features, self.group_size)
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x.device.type == "cpu":
             sz = self.scales_and_zeros.to(x.dtype)

@@ -1,6 +1,6 @@
 """Micro-benchmark of weight-only-quantized linear kernels for batch-1 decode on CPU.
 
-Standalone: needs only torch (torchao rows are skipped when it is not installed).
+Needs torch and this repo's lit_gpt (torchao rows are skipped when it is not installed).
 
 Every kernel multiplies a small activation (M = 1 or 4 rows) by a weight matrix of shape N x K
 (default 10240 x 2560, phi-2's MLP up-projection). To measure memory, not the cache (some of these
@@ -10,12 +10,15 @@ times one full sweep over its set, in a rotated order, and the table reports med
 Speedups are against bf16 F.linear measured in the same phase (same process, same rounds, same
 thread count), so the load that other users put on the machine affects both sides alike.
 
+Every phase also times bf16 F.linear with oneDNN off (ATen's GEMV, which our model uses for one row
+where gemv.c cannot be built) and lit_gpt's gemv.c kernels (one row only), beside the baseline.
+
 Phases (each holds the bf16 set plus its own, to keep memory near 2-3 x --gb):
-  int8: aten._weight_int8pack_mm (eager); `F.linear(x, w.to(x.dtype)) * s` under default
+  int8: gemv.c; aten._weight_int8pack_mm (eager); `F.linear(x, w.to(x.dtype)) * s` under default
         torch.compile (x 3-D, so inductor's woq-int8 pattern rewrites it to that aten op); a fused
         multiply-reduce under torch.compile; torchao's Int8Tensor (eager); dynamic int8
         activations with torch._int_mm (not weight-only: it also rounds the activations).
-  int4: aten._weight_int4pack_mm_for_cpu per group size (eager), and torchao's Int4OpaqueTensor
+  int4: gemv.c and aten._weight_int4pack_mm_for_cpu (same packed weight) per group size, torchao's Int4OpaqueTensor
         (the CPU layout of PrototypeInt4WeightOnlyConfig, which calls that same aten op).
   bf16-maxautotune, int8-maxautotune, int4-maxautotune: torch.compile(mode="max-autotune") with
         inductor freezing, where inductor may pick its own C++ GEMM templates (each in its own
@@ -33,12 +36,19 @@ import argparse
 import gc
 import math
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lit_gpt import gemv  # noqa: E402
+from lit_gpt.model import onednn_disabled  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -103,7 +113,27 @@ def bf16_kernels(N: int, K: int, gb: float) -> List[Kernel]:
         x = torch.randn(M, K, dtype=torch.bfloat16)
         return _sweep(F.linear, [(x, w) for w in ws])
 
-    return [Kernel("bf16 F.linear (baseline)", nbytes, build)]
+    def aten_gemv(M: int) -> Callable[[], int]:
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+
+        def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            with onednn_disabled():  # as our model does for one row where gemv.c is not available
+                return F.linear(x, w)
+
+        return _sweep(linear, [(x, w) for w in ws])
+
+    def ours(M: int) -> Callable[[], int]:
+        x = _one_row_for_gemv(M, K)
+        return _sweep(gemv.linear_bf16, [(x, w, None) for w in ws])
+
+    return [Kernel("bf16 F.linear (baseline)", nbytes, build), Kernel("bf16 F.linear, oneDNN off", nbytes, aten_gemv),
+            Kernel("bf16 lit_gpt gemv.c", nbytes, ours)]
+
+
+def _one_row_for_gemv(M: int, K: int) -> torch.Tensor:
+    if M != 1 or not gemv.available():
+        raise ValueError("lit_gpt's gemv.c takes one row, on CPUs with AVX-512 BF16 and a C compiler")
+    return torch.randn(1, K, dtype=torch.bfloat16)
 
 
 class _Bf16Layer(torch.nn.Module):
@@ -171,6 +201,12 @@ def int8_kernels(N: int, K: int, gb: float, slow_count: int) -> List[Kernel]:
         return _sweep(aten._weight_int8pack_mm, [(x, w, s) for w, s in zip(ws, ss)])
 
     kernels.append(Kernel("int8 aten._weight_int8pack_mm", nbytes, eager))
+
+    def ours(M: int) -> Callable[[], int]:
+        x = _one_row_for_gemv(M, K)
+        return _sweep(gemv.linear_int8, [(x, w, s, None) for w, s in zip(ws, ss)])
+
+    kernels.append(Kernel("int8 lit_gpt gemv.c", nbytes, ours))
 
     def pattern_compiled(M: int) -> Callable[[], int]:
         # x is 3-D as in a model: inductor's woq-int8 patterns only match F.linear on 2-D x when it
@@ -270,6 +306,14 @@ def int4_kernels(N: int, K: int, gb: float, group_sizes: List[int]) -> List[Kern
             return _sweep(aten._weight_int4pack_mm_for_cpu, [(x, w, g, sz) for w, sz in zip(ws, szs)])
 
         kernels.append(Kernel(f"int4 aten._weight_int4pack_mm_for_cpu g{g}", nbytes, eager))
+
+        def ours(M: int, szs: List[torch.Tensor] = szs, g: int = g) -> Callable[[], int]:
+            x = _one_row_for_gemv(M, K)
+            if N % 64:
+                raise ValueError("gemv.c's int4 kernel takes whole blocks of 64 rows")
+            return _sweep(gemv.linear_int4, [(x, w, sz, None, N, g) for w, sz in zip(ws, szs)])
+
+        kernels.append(Kernel(f"int4 lit_gpt gemv.c g{g}", nbytes, ours))
 
         if g == group_sizes[0]:
 

@@ -1,0 +1,139 @@
+"""Our matrix-vector kernels for batch-1 decode on CPUs with AVX-512 BF16 (the C is in gemv.c).
+
+A decode step multiplies one row of activations by every weight matrix, so its speed is how fast the
+weights stream from memory. PyTorch's CPU kernels stream bf16 weights at ~60-75% of the read bandwidth
+on these machines and its packed int8 kernel does worse; gemv.c reads each weight row once, front to
+back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
+
+The library is compiled on first use with the system C compiler (~1 s) into ~/.cache/lit_gpt and
+loaded with ctypes. Where that is not possible (no compiler, a CPU without AVX-512 BF16, another OS)
+or LIT_GPT_GEMV=0 is set, `available()` is False and the model uses PyTorch's kernels.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from lit_gpt.utils import atomic_path, first_line
+
+SOURCE = Path(__file__).with_name("gemv.c")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
+          "-fPIC", "-shared"]
+
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+
+
+def _cpu_has_flags() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return set(CPU_FLAGS) <= set(flags.split(":", 1)[1].split())
+
+
+def _build() -> Path:
+    """Compile gemv.c unless a build of this source is cached; return the library's path."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    library = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit_gpt" / f"gemv-{key}.so"
+    if library.is_file():
+        return library
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler ({compiler}) on PATH")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(library) as tmp:  # concurrent first runs each build, and the last rename wins
+        proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(first_line(RuntimeError(proc.stderr or f"{compiler} failed")))
+    return library
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("LIT_GPT_GEMV", "1") == "0" or platform.system() != "Linux" or not _cpu_has_flags():
+        return None
+    try:
+        # torch is imported, so the OpenMP runtime gemv.c needs (libgomp.so.1) resolves to torch's own:
+        # one thread pool, one torch.set_num_threads
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError) as e:
+        print(f"note: lit_gpt's AVX-512 decode kernels are not available ({first_line(e)}); "
+              "using PyTorch's", file=sys.stderr)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.gemv_bf16.argtypes = [p, p, p, p, i64, i64]
+    lib.gemv_int8.argtypes = [p, p, p, p, p, i64, i64]
+    lib.gemv_int4.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
+    lib.gemv_bf16.restype = lib.gemv_int8.restype = lib.gemv_int4.restype = None
+    _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call)."""
+    return _load() is not None
+
+
+def takes(x: torch.Tensor, in_features: int, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether x is one bf16 row on the CPU that the kernels can multiply by a layer made of `tensors`
+    (its weight, scales, bias; None for a missing one): inference only, outside torch.compile.
+    The callers check their tensors' dtypes."""
+    present = [t for t in tensors if t is not None]
+    return (
+        x.device.type == "cpu"
+        and x.numel() == in_features
+        and x.dtype == torch.bfloat16
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in present)
+        and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in present)))
+        and available()
+    )
+
+
+def _out(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) for one row: bf16 weight and bias (where `takes` says so)."""
+    x = x.contiguous()
+    y = _out(x, weight.shape[0])
+    _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
+    return y
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ (weight * scales[:, None]).T + bias for one row: int8 weight, bf16 scales and bias (where `takes` says so)."""
+    x = x.contiguous()
+    y = _out(x, weight.shape[0])
+    _lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
+    return y
+
+
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
+                out_features: int, group_size: int) -> torch.Tensor:
+    """One row times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
+    padded to a multiple of 64), W = (q - 8) * scale + zero per group; bf16 scales, zeros and bias."""
+    x = x.contiguous()
+    y = _out(x, out_features)
+    rows, in_features = scales_and_zeros.shape[1], x.shape[-1]
+    _lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(), rows,
+                   out_features, in_features, group_size)
+    return y

@@ -1,0 +1,182 @@
+"""Our AVX-512 decode kernels (lit_gpt/gemv.c): results against float32 references, the layers that use
+them, and the fallback to PyTorch's kernels where they cannot be built."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_gpt import gemv
+from lit_gpt.model import Linear
+from lit_gpt.quantize import Int4Linear, Int8Linear
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILDABLE = gemv._cpu_has_flags() and shutil.which(os.environ.get("CC", "cc")) is not None
+needs_kernels = pytest.mark.skipif(not BUILDABLE, reason="needs a CPU with AVX-512 BF16 and a C compiler")
+
+
+def _bf16_linear(in_features: int, out_features: int, bias: bool = True) -> Linear:
+    torch.manual_seed(in_features * 31 + out_features)
+    layer = Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.05)
+        if bias:
+            layer.bias.normal_(0, 0.1)
+    return layer.to(torch.bfloat16).requires_grad_(False)
+
+
+def _row(in_features: int) -> torch.Tensor:
+    return torch.randn(1, 1, in_features).to(torch.bfloat16)
+
+
+def _assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # fp32 accumulation, one rounding to bf16 at the end: within a couple of bf16 steps of the output's scale
+    err = (y.float() - ref).abs().max().item()
+    assert err <= 8e-3 * max(ref.abs().max().item(), 1e-3), (err, ref.abs().max().item())
+
+
+class Spy:
+    """Counts calls to a gemv function and passes them through to the real one."""
+
+    def __init__(self, monkeypatch, name: str) -> None:
+        self.calls, real = 0, getattr(gemv, name)
+
+        def spy(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(gemv, name, spy)
+
+
+@needs_kernels
+def test_kernels_build_and_load_on_this_machine():
+    assert gemv.available()
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_features", [1, 31, 32, 64, 65, 200, 2560])
+@pytest.mark.parametrize("out_features", [1, 5, 64, 130])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_kernel_matches_float32(in_features, out_features, bias):
+    layer = _bf16_linear(in_features, out_features, bias)
+    x = _row(in_features)
+    y = gemv.linear_bf16(x, layer.weight, layer.bias)
+    assert y.shape == (1, 1, out_features) and y.dtype == torch.bfloat16
+    _assert_close(y, F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("in_features", [1, 16, 63, 64, 65, 130, 2560])
+@pytest.mark.parametrize("out_features", [1, 17, 64])
+def test_int8_kernel_matches_dequantized_weight(in_features, out_features, monkeypatch):
+    spy = Spy(monkeypatch, "linear_int8")
+    q = Int8Linear.from_linear(_bf16_linear(in_features, out_features))
+    x = _row(in_features) * 4  # activations of a few units, as after a LayerNorm
+    y = q(x)
+    assert spy.calls == 1
+    _assert_close(y, F.linear(x.float(), q.dequantize(), q.bias.float()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize(("in_features", "out_features"), [(256, 64), (512, 128), (768, 320), (2560, 192)])
+def test_int4_kernel_matches_dequantized_weight_and_pytorch(group_size, in_features, out_features, monkeypatch):
+    spy = Spy(monkeypatch, "linear_int4")
+    q = Int4Linear.from_linear(_bf16_linear(in_features, out_features), group_size)
+    x = _row(in_features) * 4
+    y = q(x)
+    assert spy.calls == 1
+    ref = F.linear(x.float(), q.dequantize(), q.bias.float())
+    _assert_close(y, ref)
+    # PyTorch's own kernel on the same packed weight (two rows take its path) agrees as well
+    _assert_close(q(x.expand(1, 2, in_features))[:, :1], ref)
+
+
+@needs_kernels
+def test_int4_rows_not_a_multiple_of_64_take_pytorchs_kernel(monkeypatch):
+    spy = Spy(monkeypatch, "linear_int4")
+    q = Int4Linear.from_linear(_bf16_linear(256, 96), 32)  # 96 rows pad to 96, not a whole 64-row block
+    x = _row(256)
+    _assert_close(q(x), F.linear(x.float(), q.dequantize(), q.bias.float()))
+    assert spy.calls == 0
+
+
+@needs_kernels
+def test_linear_routes_one_row_to_the_kernel_and_more_rows_to_pytorch(monkeypatch):
+    spy = Spy(monkeypatch, "linear_bf16")
+    layer = _bf16_linear(128, 64)
+    x = torch.randn(1, 3, 128).to(torch.bfloat16)
+    full = layer(x)
+    assert spy.calls == 0
+    one = layer(x[:, 1:2])
+    assert spy.calls == 1
+    _assert_close(one, full[:, 1:2].float())
+
+
+@needs_kernels
+def test_training_keeps_autograd(monkeypatch):
+    spy = Spy(monkeypatch, "linear_bf16")
+    layer = _bf16_linear(64, 32).requires_grad_(True)
+    layer(_row(64)).sum().backward()
+    assert spy.calls == 0 and layer.weight.grad is not None
+
+
+@needs_kernels
+def test_same_result_with_one_and_two_threads():
+    layer = _bf16_linear(512, 1024)
+    x = _row(512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = gemv.linear_bf16(x, layer.weight, layer.bias)
+        torch.set_num_threads(2)
+        two = gemv.linear_bf16(x, layer.weight, layer.bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each row is summed by one thread, in the same order
+
+
+PROBE = (
+    "import torch; from lit_gpt import gemv; from lit_gpt.model import Linear; "
+    "layer = Linear(64, 8).to(torch.bfloat16); x = torch.randn(1, 64).to(torch.bfloat16); "
+    "y = layer(x); print(gemv.available(), bool(torch.isfinite(y).all()))"
+)
+
+
+def _probe(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
+
+
+def test_disabled_by_environment_falls_back_to_pytorch(tmp_path):
+    proc = _probe(tmp_path, LIT_GPT_GEMV="0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+    assert not list(tmp_path.rglob("*.so"))  # nothing was built
+
+
+@needs_kernels
+def test_a_failing_compiler_gives_one_note_and_falls_back(tmp_path):
+    proc = _probe(tmp_path, CC="false")  # `false` exists and fails, as a broken toolchain would
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+    notes = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(notes) == 1 and notes[0].startswith("note: lit_gpt's AVX-512 decode kernels are not available")
+    assert not list(tmp_path.rglob("*.so*"))  # no half-built library left in the cache
+
+
+@needs_kernels
+def test_built_once_then_loaded_from_the_cache(tmp_path):
+    first = _probe(tmp_path)
+    assert first.returncode == 0 and first.stdout.split() == ["True", "True"], first.stderr
+    built = list((tmp_path / "lit_gpt").glob("gemv-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    second = _probe(tmp_path, CC="false")  # a rebuild would fail: the cached library must be used
+    assert second.stdout.split() == ["True", "True"], second.stderr
+    assert built[0].stat().st_mtime_ns == stamp
