@@ -188,3 +188,78 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_z
     }
     free(x_group);
 }
+
+// ---- attention of one new token over the cached keys and values -----------------------------------------
+//
+// PyTorch's CPU flash attention is built for blocks of queries; for the single query of a decode step it
+// measured 0.3 ms per layer at 128 cached positions and 6.8 ms at 2048 (more than reading the layer's
+// weights). Here each (sequence, head) is one loop over the cache: scores in fp32, softmax, weighted sum
+// of the values, reading keys and values once.
+
+#include <math.h>
+
+#define MAX_HEAD_SIZE 256
+
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline __m512 exp16(__m512 x) {  // e^x for x <= 0: 2^n * e^r, |r| <= ln2 / 2, Taylor to r^7 (~1e-8)
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.69314718f));
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// q: (B, n_head, hs); k, v: (B, n_groups, S, hs), of which positions 0 .. L-1 are attended; y: (B, n_head, hs).
+// Query heads share key/value heads in consecutive runs of n_head / n_groups (grouped-query attention).
+void attend_one(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B, int64_t n_head,
+                int64_t n_groups, int64_t S, int64_t L, int64_t hs, float scale) {
+    int64_t chunks = (hs + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t bh = 0; bh < B * n_head; bh++) {
+        int64_t b = bh / n_head, g = (bh % n_head) / (n_head / n_groups);
+        const uint16_t *kh = k + (b * n_groups + g) * S * hs, *vh = v + (b * n_groups + g) * S * hs;
+        __mmask16 mask[MAX_HEAD_SIZE / 16];
+        __m512 qf[MAX_HEAD_SIZE / 16], acc[MAX_HEAD_SIZE / 16];
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t left = hs - 16 * c;
+            mask[c] = _cvtu32_mask16(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+            qf[c] = _mm512_mul_ps(load_bf16x16(q + bh * hs + 16 * c, mask[c]), _mm512_set1_ps(scale));
+            acc[c] = _mm512_setzero_ps();
+        }
+        float *s = malloc((L + 16) * sizeof(float));
+        float top = -INFINITY;
+        for (int64_t l = 0; l < L; l++) {
+            __m512 d = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) d = _mm512_fmadd_ps(qf[c], load_bf16x16(kh + l * hs + 16 * c, mask[c]), d);
+            s[l] = _mm512_reduce_add_ps(d);
+            top = s[l] > top ? s[l] : top;
+        }
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t l = 0; l < L; l += 16) {
+            __mmask16 m = _cvtu32_mask16(L - l >= 16 ? 0xFFFFu : (1u << (L - l)) - 1u);
+            __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), _mm512_set1_ps(top))));
+            _mm512_mask_storeu_ps(s + l, m, e);
+            total = _mm512_add_ps(total, e);
+        }
+        for (int64_t l = 0; l < L; l++) {
+            __m512 p = _mm512_set1_ps(s[l]);
+            for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(vh + l * hs + 16 * c, mask[c]), acc[c]);
+        }
+        free(s);
+        float inv = 1.0f / _mm512_reduce_add_ps(total), out[16];
+        for (int64_t c = 0; c < chunks; c++) {
+            _mm512_storeu_ps(out, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+            for (int64_t i = 0; i < 16 && 16 * c + i < hs; i++) y[bh * hs + 16 * c + i] = f32_to_bf16(out[i]);
+        }
+    }
+}

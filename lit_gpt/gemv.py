@@ -77,7 +77,8 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.gemv_bf16.argtypes = [p, p, p, p, i64, i64]
     lib.gemv_int8.argtypes = [p, p, p, p, p, i64, i64]
     lib.gemv_int4.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
-    lib.gemv_bf16.restype = lib.gemv_int8.restype = lib.gemv_int4.restype = None
+    lib.attend_one.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float]
+    lib.gemv_bf16.restype = lib.gemv_int8.restype = lib.gemv_int4.restype = lib.attend_one.restype = None
     _lib = lib
     return _lib
 
@@ -87,20 +88,22 @@ def available() -> bool:
     return _load() is not None
 
 
-def takes(x: torch.Tensor, in_features: int, *tensors: Optional[torch.Tensor]) -> bool:
-    """Whether x is one bf16 row on the CPU that the kernels can multiply by a layer made of `tensors`
-    (its weight, scales, bias; None for a missing one): inference only, outside torch.compile.
-    The callers check their tensors' dtypes."""
+def usable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the kernels can take these tensors (None for a missing one): contiguous, on the CPU,
+    for inference only (no autograd), outside torch.compile, with the kernels built."""
     present = [t for t in tensors if t is not None]
     return (
-        x.device.type == "cpu"
-        and x.numel() == in_features
-        and x.dtype == torch.bfloat16
-        and all(t.device.type == "cpu" and t.is_contiguous() for t in present)
+        all(t.device.type == "cpu" and t.is_contiguous() for t in present)
         and not torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in present)))
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
         and available()
     )
+
+
+def takes(x: torch.Tensor, in_features: int, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether x is one bf16 row that the kernels can multiply by a layer made of `tensors` (its weight,
+    scales, bias). The callers check their tensors' dtypes."""
+    return x.numel() == in_features and x.dtype == torch.bfloat16 and usable(x, *tensors)
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -136,4 +139,26 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     rows, in_features = scales_and_zeros.shape[1], x.shape[-1]
     _lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(), rows,
                    out_features, in_features, group_size)
+    return y
+
+
+MAX_HEAD_SIZE = 256  # as in gemv.c
+
+
+def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `attend_one` can take this decode step: one query per sequence, bf16 cache and query."""
+    return (q.size(2) == 1 and q.size(-1) <= MAX_HEAD_SIZE
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and usable(k, v, q.contiguous()))
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor:
+    """Softmax attention of one query per sequence and head over the first `length` cached positions.
+
+    q: (B, n_head, 1, head_size); k, v: the whole cache (B, n_groups, max_seq_length, head_size), contiguous;
+    all bf16. Returns (B, n_head, 1, head_size), as F.scaled_dot_product_attention would."""
+    B, n_head, _, head_size = q.shape
+    q = q.contiguous()
+    y = torch.empty_like(q)
+    _lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2], length,
+                    head_size, scale)
     return y

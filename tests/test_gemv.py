@@ -180,3 +180,42 @@ def test_built_once_then_loaded_from_the_cache(tmp_path):
     second = _probe(tmp_path, CC="false")  # a rebuild would fail: the cached library must be used
     assert second.stdout.split() == ["True", "True"], second.stderr
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "n_head", "n_groups", "head_size", "length"),
+                         [(1, 32, 32, 80, 1), (1, 32, 32, 80, 100), (2, 4, 2, 20, 17), (3, 8, 1, 64, 40),
+                          (1, 2, 2, 256, 5), (1, 4, 4, 33, 33)])
+def test_attention_kernel_matches_float32(batch, n_head, n_groups, head_size, length):
+    torch.manual_seed(length)
+    cache = 48 if length <= 48 else 128
+    q = torch.randn(batch, n_head, 1, head_size).to(torch.bfloat16)
+    k, v = (torch.randn(batch, n_groups, cache, head_size).to(torch.bfloat16) for _ in range(2))
+    scale = head_size ** -0.5
+    y = gemv.attend_one(q, k, v, length, scale)
+    assert y.shape == q.shape and y.dtype == torch.bfloat16
+    ref = F.scaled_dot_product_attention(q.float(), k[:, :, :length].float(), v[:, :, :length].float(), scale=scale,
+                                         enable_gqa=n_head != n_groups)
+    _assert_close(y, ref)
+
+
+@needs_kernels
+def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypatch):
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "attend_one")]
+    config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, intermediate_size=1024, block_size=64,
+                              vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
+    torch.manual_seed(0)
+    model = GPT(config).to(torch.bfloat16).eval()
+    idx = torch.randint(0, 512, (1, 12))
+    with torch.inference_mode():
+        full = model(idx).float()
+        model.set_kv_cache(1)
+        steps = [model(idx[:, :5], torch.arange(5))[:, -1]]
+        steps += [model(idx[:, i : i + 1], torch.tensor([i]))[:, -1] for i in range(5, 12)]
+    decoded = torch.stack(steps, dim=1).float()
+    assert spies[0].calls == 7 * (2 * 4 + 1) and spies[1].calls == 7 * 2  # every one-row step took the kernels
+    err = (decoded - full[:, 4:]).abs().max().item()
+    assert err <= 0.03 * full.abs().max().item(), err
