@@ -160,6 +160,7 @@ def benchmark(
     group_size: int = 32,
     transformers: bool = True,
     make_random: Optional[str] = None,
+    rounds: int = 1,
 ) -> list[dict]:
     """Benchmark generation, ours in each mode against transformers on the same weights, and print a table.
 
@@ -177,6 +178,8 @@ def benchmark(
         transformers: Also run transformers' generate on the Hugging Face files in checkpoint_dir.
         make_random: phi-2, phi-1_5 or phi-1: first write a random-weight checkpoint of that shape into
             checkpoint_dir (Hub file layout, then converted), unless one is there, to benchmark without the Hub.
+        rounds: Run every configuration this many times, in rotated order, and report the median of each
+            figure: on shared machines the bandwidth drifts by tens of percent within minutes.
 
     Returns:
         The rows of the table.
@@ -201,24 +204,45 @@ def benchmark(
             for mode in modes]
     if transformers and (checkpoint_dir / "config.json").is_file():
         runs.append(("transformers bf16", ["transformers", str(checkpoint_dir), str(max_new_tokens)]))
-    # These machines are shared and their bandwidth drifts by tens of percent within minutes, so it is
-    # measured around every run, and each run is set against the mean of the figures before and after it.
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
+    # The bandwidth is measured around every run, and each run is set against the mean of the figures
+    # before and after it. The first round keeps the given order, so bf16 writes the quality reference first.
+    results: dict[str, list[dict]] = {name: [] for name, _ in runs}
     bandwidths = [read_bandwidth()]
-    rows = []
-    for name, args in runs:
-        print(f"read bandwidth {bandwidths[-1]:.1f} GB/s; running {name} ...", file=sys.stderr)
-        rows.append(dict(name=name, **run_child(args)))
-        bandwidths.append(read_bandwidth())
-        rows[-1]["read_bw"] = (bandwidths[-2] + bandwidths[-1]) / 2
+    for r in range(rounds):
+        for name, args in runs[r % len(runs):] + runs[: r % len(runs)]:
+            print(f"round {r + 1}/{rounds}: read bandwidth {bandwidths[-1]:.1f} GB/s; running {name} ...",
+                  file=sys.stderr)
+            result = run_child(args)
+            bandwidths.append(read_bandwidth())
+            result["read_bw"] = (bandwidths[-2] + bandwidths[-1]) / 2
+            if "gbps" in result:
+                result["bw_share"] = result["gbps"] / result["read_bw"]
+            results[name].append(result)
+    rows = [dict(name=name, **_median(runs_of_one)) for name, runs_of_one in results.items()]
     shutil.rmtree(reference.parent, ignore_errors=True)
-    print_table(rows, checkpoint_dir, max_new_tokens)
+    print_table(rows, checkpoint_dir, max_new_tokens, rounds)
     return rows
 
 
-def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int) -> None:
+def _median(results: list[dict]) -> dict:
+    """One row from several runs of a configuration: the median of every number (the first error, if any)."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    row = dict(results[0])
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            row[key] = statistics.median(r[key] for r in results)
+    return row
+
+
+def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rounds: int = 1) -> None:
     ref = next((r for r in rows if r["name"].startswith("transformers") and "error" not in r), None)
+    medians = f"; medians of {rounds} rounds" if rounds > 1 else ""
     print(f"\n{checkpoint_dir}, batch 1, greedy, {max_new_tokens} new tokens; read BW: a sum over 2 GB of float32, "
-          "measured before and after each run\n")
+          f"measured before and after each run{medians}\n")
     head = ("| run | load s | first token s | prefill tok/s | decode tok/s | GB/step | GB/s | read BW GB/s | % of read BW "
             "| peak RSS GB | decode vs transformers |")
     print(head)
@@ -229,7 +253,7 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int) -> 
             continue
         ratio = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "-"
         print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
-              f"| {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['gbps'] / r['read_bw']:.3g}% "
+              f"| {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
               f"| {r['peak_rss'] / 1e9:.2f} | {ratio} |")
     scored = [r for r in rows if "rel_error" in r]
     if scored:

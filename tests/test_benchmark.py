@@ -42,6 +42,25 @@ def test_benchmark_prints_every_row(tmp_path):
     assert 0 < float(err8) < float(err4) < 50 and float(top8) >= 90 and float(top4) >= 50
 
 
+def test_rounds_rerun_every_configuration_and_report_medians(tmp_path):
+    make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
+    convert_hf_checkpoint(tmp_path, progress=False)
+    args = [sys.executable, str(ROOT / "scripts/benchmark.py"), "--checkpoint_dir", str(tmp_path),
+            "--modes", "[bf16, int8]", "--max_new_tokens", "4", "--transformers", "False"]
+    proc = subprocess.run([*args, "--rounds", "3"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    started = re.findall(r"round (\d)/3: read bandwidth [\d.]+ GB/s; running (ours \w+)", proc.stderr)
+    # every configuration three times, the order rotated after the first round
+    assert started == [("1", "ours bf16"), ("1", "ours int8"), ("2", "ours int8"), ("2", "ours bf16"),
+                       ("3", "ours bf16"), ("3", "ours int8")], proc.stderr
+    assert "medians of 3 rounds" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ours") and line.count("|") == 12]
+    assert [r.split("|")[1].strip() for r in rows] == ["ours bf16", "ours int8"], proc.stdout
+
+    bad = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == ["error: --rounds must be at least 1, got 0"]
+
+
 def test_random_checkpoint_has_the_real_layout_and_converts(tmp_path):
     from transformers import AutoModelForCausalLM
 
