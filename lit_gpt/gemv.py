@@ -31,6 +31,7 @@ CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx51
 
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
+_loaded = False  # a plain bool for torch.compile to read (it does not trace ctypes objects)
 
 
 def _cpu_has_flags() -> bool:
@@ -59,7 +60,7 @@ def _build() -> Path:
 
 
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _tried
+    global _lib, _tried, _loaded
     if _tried:
         return _lib
     _tried = True
@@ -79,7 +80,7 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.gemv_int4.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
     lib.attend_one.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float]
     lib.gemv_bf16.restype = lib.gemv_int8.restype = lib.gemv_int4.restype = lib.attend_one.restype = None
-    _lib = lib
+    _lib, _loaded = lib, True
     return _lib
 
 
@@ -90,13 +91,13 @@ def available() -> bool:
 
 def usable(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether the kernels can take these tensors (None for a missing one): contiguous, on the CPU,
-    for inference only (no autograd), outside torch.compile, with the kernels built."""
+    for inference only (no autograd), with the kernels built (under torch.compile: built beforehand,
+    as `lit_gpt.generate.compile_decode` does)."""
     present = [t for t in tensors if t is not None]
     return (
         all(t.device.type == "cpu" and t.is_contiguous() for t in present)
-        and not torch.compiler.is_compiling()
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-        and available()
+        and (_loaded if torch.compiler.is_compiling() else available())
     )
 
 
@@ -114,32 +115,32 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+# Each kernel is called directly in eager mode (a ctypes call costs ~2 us) and as a custom op under
+# torch.compile: opaque to inductor, which fuses the small ops around it and, unlike its own GEMMs, keeps
+# no packed copy of the weights.
+
+
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear(x, weight, bias) for one row: bf16 weight and bias (where `takes` says so)."""
-    x = x.contiguous()
-    y = _out(x, weight.shape[0])
-    _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
-    return y
+    if torch.compiler.is_compiling():
+        return torch.ops.lit_gpt.linear_bf16(x, weight, bias)
+    return _linear_bf16(x, weight, bias)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x @ (weight * scales[:, None]).T + bias for one row: int8 weight, bf16 scales and bias (where `takes` says so)."""
-    x = x.contiguous()
-    y = _out(x, weight.shape[0])
-    _lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
-    return y
+    if torch.compiler.is_compiling():
+        return torch.ops.lit_gpt.linear_int8(x, weight, scales, bias)
+    return _linear_int8(x, weight, scales, bias)
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
                 out_features: int, group_size: int) -> torch.Tensor:
     """One row times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
     padded to a multiple of 64), W = (q - 8) * scale + zero per group; bf16 scales, zeros and bias."""
-    x = x.contiguous()
-    y = _out(x, out_features)
-    rows, in_features = scales_and_zeros.shape[1], x.shape[-1]
-    _lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(), rows,
-                   out_features, in_features, group_size)
-    return y
+    if torch.compiler.is_compiling():
+        return torch.ops.lit_gpt.linear_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
+    return _linear_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
 
 
 MAX_HEAD_SIZE = 256  # as in gemv.c
@@ -148,17 +149,73 @@ MAX_HEAD_SIZE = 256  # as in gemv.c
 def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attend_one` can take this decode step: one query per sequence, bf16 cache and query."""
     return (q.size(2) == 1 and q.size(-1) <= MAX_HEAD_SIZE
-            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and usable(k, v, q.contiguous()))
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and usable(k, v))
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, scale: float) -> torch.Tensor:
-    """Softmax attention of one query per sequence and head over the first `length` cached positions.
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax attention of one query per sequence and head over cached positions 0 .. input_pos.
 
     q: (B, n_head, 1, head_size); k, v: the whole cache (B, n_groups, max_seq_length, head_size), contiguous;
-    all bf16. Returns (B, n_head, 1, head_size), as F.scaled_dot_product_attention would."""
+    all bf16; input_pos: the query's position (one element). Returns (B, n_head, 1, head_size), as
+    F.scaled_dot_product_attention would."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lit_gpt.attend_one(q, k, v, input_pos, scale)
+    return _attend_one(q, k, v, input_pos, scale)
+
+
+@torch.library.custom_op("lit_gpt::linear_bf16", mutates_args=())
+def _linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x = x.contiguous()
+    y = _out(x, weight.shape[0])
+    _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
+    return y
+
+
+@torch.library.custom_op("lit_gpt::linear_int8", mutates_args=())
+def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    x = x.contiguous()
+    y = _out(x, weight.shape[0])
+    _lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
+    return y
+
+
+@torch.library.custom_op("lit_gpt::linear_int4", mutates_args=())
+def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
+                 out_features: int, group_size: int) -> torch.Tensor:
+    x = x.contiguous()
+    y = _out(x, out_features)
+    rows, in_features = scales_and_zeros.shape[1], x.shape[-1]
+    _lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(), rows,
+                   out_features, in_features, group_size)
+    return y
+
+
+@torch.library.custom_op("lit_gpt::attend_one", mutates_args=())
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float) -> torch.Tensor:
     B, n_head, _, head_size = q.shape
     q = q.contiguous()
     y = torch.empty_like(q)
+    length = int(input_pos.reshape(-1)[-1]) + 1
     _lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2], length,
                     head_size, scale)
     return y
+
+
+@_linear_bf16.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_int8.register_fake
+def _(x, weight, scales, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_int4.register_fake
+def _(x, packed, scales_and_zeros, bias, out_features, group_size):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@_attend_one.register_fake
+def _(q, k, v, input_pos, scale):
+    return torch.empty_like(q)

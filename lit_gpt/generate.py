@@ -21,6 +21,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from lit_gpt import gemv
 from lit_gpt.model import GPT
 from lit_gpt.prompts import PromptStyle
 from lit_gpt.tokenizer import Tokenizer
@@ -431,13 +432,17 @@ def compile_decode(model: GPT) -> Callable:
     """The model's forward compiled for the one-token decode steps (static shapes).
 
     GPU: CUDA graphs ("reduce-overhead"), which remove the per-kernel launch cost of a step.
-    CPU: "max-autotune" with inductor's freezing, which lets inductor pack the weights for its own
-    C++ GEMM kernels; on this project's 2-core AMD EPYC that doubled bf16 decode speed (phi-2:
-    1.9 -> 5.4 tokens/s, at the memory-bandwidth limit), at the cost of about two minutes of
-    compilation and a packed copy of the weights in memory.
+    CPU with our kernels (lit_gpt/gemv.py): inductor's default mode; the matrix-vector products and
+    the attention stay our kernels (custom ops) and inductor fuses the small ops between them.
+    CPU without them: "max-autotune" with inductor's freezing, which lets inductor pack the weights
+    for its own C++ GEMM kernels: faster than PyTorch's eager kernels (phi-2 bf16 on this project's
+    2-core AMD EPYC: 1.9 -> 5.4 tokens/s), at the cost of minutes of compilation and a packed copy
+    of the weights in memory.
     """
     if model.lm_head.weight.device.type == "cuda":
         return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    if gemv.available():  # loads the kernels now, before tracing (see gemv.usable)
+        return torch.compile(model, fullgraph=True, dynamic=False)
     import torch._inductor.config as inductor_config
 
     compiled = torch.compile(model, mode="max-autotune", fullgraph=True, dynamic=False)

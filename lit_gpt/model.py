@@ -179,8 +179,8 @@ class CausalSelfAttention(nn.Module):
                 raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
             k, v = self.kv_cache.update(input_pos, k, v)
             end, mask = attend
-            if mask is None and gemv.takes_attention(q, k, v):  # a decode step on CPU (see gemv.c)
-                y = gemv.attend_one(q, k, v, end, scale)
+            if gemv.takes_attention(q, k, v):  # a decode step on CPU (see gemv.c); needs no mask
+                y = gemv.attend_one(q, k, v, input_pos, scale)
             else:
                 k, v = k[:, :, :end], v[:, :, :end]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q_per_kv > 1)

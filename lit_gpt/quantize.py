@@ -258,6 +258,8 @@ class Int4Linear(nn.Module):
             "scales_and_zeros", torch.zeros(in_features // group_size, self.padded_out, 2, dtype=dtype, device=device)
         )
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        # whether gemv.c can read the packed weight (a plain bool, decided here, outside torch.compile)
+        self.gemv_layout = device.type == "cpu" and self.padded_out % 64 == 0 and _cpu_int4_layout_is_gemvs()
 
     @classmethod
     @torch.no_grad()
@@ -289,7 +291,7 @@ class Int4Linear(nn.Module):
         return torch.cat([_pack_int4(q[rows].contiguous(), q.device.type) for rows in _row_chunks(*q.shape)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.padded_out % 64 == 0 and _bf16(self.scales_and_zeros, self.bias) and _cpu_int4_layout_is_gemvs()
+        if (self.gemv_layout and _bf16(self.scales_and_zeros, self.bias)
                 and gemv.takes(x, self.in_features, self.weight, self.scales_and_zeros, self.bias)):
             return gemv.linear_int4(x, self.weight, self.scales_and_zeros, self.bias, self.out_features, self.group_size)
         x2 = x.reshape(-1, self.in_features).contiguous()

@@ -192,7 +192,7 @@ def test_attention_kernel_matches_float32(batch, n_head, n_groups, head_size, le
     q = torch.randn(batch, n_head, 1, head_size).to(torch.bfloat16)
     k, v = (torch.randn(batch, n_groups, cache, head_size).to(torch.bfloat16) for _ in range(2))
     scale = head_size ** -0.5
-    y = gemv.attend_one(q, k, v, length, scale)
+    y = gemv.attend_one(q, k, v, torch.tensor([length - 1]), scale)  # the query sits at position length - 1
     assert y.shape == q.shape and y.dtype == torch.bfloat16
     ref = F.scaled_dot_product_attention(q.float(), k[:, :, :length].float(), v[:, :, :length].float(), scale=scale,
                                          enable_gqa=n_head != n_groups)

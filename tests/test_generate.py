@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hf_checkpoints import lively_checkpoint
+from lit_gpt import gemv
 from lit_gpt.checkpoint import load_model
 from lit_gpt.generate import (
     Completion, choose_device, compile_decode, cpu_supports_bf16, generate, generate_tokens, make_generator, sample, stream, unescape,
@@ -69,15 +70,39 @@ def test_greedy_batch_matches_transformers(ckpt):
     assert all(c.finish_reason == "length" and c.text == tokenizer.decode(expected) for c in completions)
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decode_gives_the_eager_tokens(ckpt, quantize):
+class KernelCalls:
+    """Stands in for gemv.py's loaded library: counts the calls into it and passes them on."""
+
+    def __init__(self, lib) -> None:
+        self.lib, self.calls = lib, Counter()
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls[name] += 1
+            return fn(*args)
+
+        return call
+
+
+@pytest.mark.parametrize(("dtype", "quantize", "kernel"), [
+    (torch.float32, None, None), (torch.bfloat16, None, "gemv_bf16"), (torch.bfloat16, "int8", "gemv_int8"),
+    (torch.bfloat16, "int4", "gemv_int4")])
+def test_compiled_decode_gives_the_eager_tokens(ckpt, dtype, quantize, kernel, monkeypatch):
     d = ckpt[0]
-    model = load_model(d, quantize=quantize)
+    model = load_model(d, dtype=dtype, quantize=quantize, group_size=32)
     prompt = torch.randint(0, 50000, (6,))
     eager = torch.stack(list(generate_tokens(model, prompt, 6 + 16, temperature=0.0)), dim=1)
     compiled = compile_decode(model)
+    if kernel and gemv.available():  # on CPUs with AVX-512 BF16, bf16 steps call our kernels as custom ops
+        spy = KernelCalls(gemv._lib)
+        monkeypatch.setattr(gemv, "_lib", spy)
     ours = torch.stack(list(generate_tokens(model, prompt, 6 + 16, temperature=0.0, decode_forward=compiled)), dim=1)
     assert ours.tolist() == eager.tolist()
+    if kernel and gemv.available():
+        layers = model.config.n_layer
+        assert spy.calls["attend_one"] == 15 * layers and spy.calls[kernel] >= 15 * 4 * layers, spy.calls
 
 
 def test_generate_continues_a_cache(ckpt):
