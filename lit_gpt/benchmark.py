@@ -197,6 +197,8 @@ def benchmark(
     for mode in modes:
         if mode not in ("bf16", "fp32", "int8", "int4"):
             raise UserError(f"unknown mode {mode!r}; choose from bf16, fp32, int8, int4")
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
 
     reference = Path(tempfile.mkdtemp()) / "bf16_logits.pt"  # the bf16 run's logits, to score the others
     runs = [(f"ours {mode}{' +compile' if compile else ''}",
@@ -204,8 +206,6 @@ def benchmark(
             for mode in modes]
     if transformers and (checkpoint_dir / "config.json").is_file():
         runs.append(("transformers bf16", ["transformers", str(checkpoint_dir), str(max_new_tokens)]))
-    if rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {rounds}")
     # The bandwidth is measured around every run, and each run is set against the mean of the figures
     # before and after it. The first round keeps the given order, so bf16 writes the quality reference first.
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}

@@ -101,10 +101,13 @@ def usable(*tensors: Optional[torch.Tensor]) -> bool:
     )
 
 
-def takes(x: torch.Tensor, in_features: int, *tensors: Optional[torch.Tensor]) -> bool:
-    """Whether x is one bf16 row that the kernels can multiply by a layer made of `tensors` (its weight,
-    scales, bias). The callers check their tensors' dtypes."""
-    return x.numel() == in_features and x.dtype == torch.bfloat16 and usable(x, *tensors)
+def takes(x: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, in_features: int,
+          *bf16_tensors: Optional[torch.Tensor]) -> bool:
+    """Whether x is one bf16 row that the kernels can multiply by a layer: its weight stored as
+    `weight_dtype`, and its other tensors (scales, bias; None for a missing one) in bf16."""
+    return (x.numel() == in_features and x.dtype == torch.bfloat16 and weight.dtype == weight_dtype
+            and all(t is None or t.dtype == torch.bfloat16 for t in bf16_tensors)
+            and usable(x, weight, *bf16_tensors))
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:

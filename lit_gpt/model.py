@@ -111,8 +111,7 @@ class Linear(nn.Linear):
     go through our AVX-512 kernel (lit_gpt/gemv.py) where the CPU and a C compiler allow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.weight.dtype == torch.bfloat16 and (self.bias is None or self.bias.dtype == torch.bfloat16)
-                and gemv.takes(x, self.in_features, self.weight, self.bias)):
+        if gemv.takes(x, self.weight, torch.bfloat16, self.in_features, self.bias):
             return gemv.linear_bf16(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

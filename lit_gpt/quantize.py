@@ -134,7 +134,7 @@ class Int8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _bf16(self.scales, self.bias) and gemv.takes(x, self.in_features, self.weight, self.scales, self.bias):
+        if gemv.takes(x, self.weight, torch.int8, self.in_features, self.scales, self.bias):
             return gemv.linear_int8(x, self.weight, self.scales, self.bias)  # a decode step on CPU
         x2 = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
@@ -214,10 +214,6 @@ def _cpu_int4_layout_is_gemvs() -> bool:
     return torch.equal(_int4_slots(rows, cols, torch.device("cpu")).long(), expected)
 
 
-def _bf16(*tensors: Optional[torch.Tensor]) -> bool:
-    return all(t is None or t.dtype == torch.bfloat16 for t in tensors)
-
-
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     """All 4-bit values of a packed tensor, in storage order (low nibble of each byte first)."""
     b = packed.contiguous().view(torch.uint8).view(-1)
@@ -291,8 +287,8 @@ class Int4Linear(nn.Module):
         return torch.cat([_pack_int4(q[rows].contiguous(), q.device.type) for rows in _row_chunks(*q.shape)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.gemv_layout and _bf16(self.scales_and_zeros, self.bias)
-                and gemv.takes(x, self.in_features, self.weight, self.scales_and_zeros, self.bias)):
+        if self.gemv_layout and gemv.takes(x, self.weight, torch.uint8, self.in_features, self.scales_and_zeros,
+                                           self.bias):
             return gemv.linear_int4(x, self.weight, self.scales_and_zeros, self.bias, self.out_features, self.group_size)
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x.device.type == "cpu":
