@@ -32,10 +32,6 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torc
 
 static inline float bias_at(const uint16_t *bias, int64_t n) { return bias ? bf16_to_f32(bias[n]) : 0.0f; }
 
-// int8 rows are converted on the way, which leaves the hardware prefetcher behind: ask 2 KB ahead
-// (measured: bf16 reads best without, int8 best with 2 KB among 0.5/1/2 KB)
-#define INT8_PREFETCH 2048
-
 // ---- bf16 weights: vdpbf16ps multiplies pairs of bf16 and adds them into fp32 lanes -------------------
 
 static inline __m512 dp_bf16(__m512 acc, const uint16_t *w, const uint16_t *x) {
@@ -208,47 +204,92 @@ static inline __m512 exp16(__m512 x) {  // e^x for x <= 0: 2^n * e^r, |r| <= ln2
     return _mm512_scalef_ps(p, n);
 }
 
+// One (sequence, head): softmax(q . k_l * scale) over l < L, times the values. q, y: hs; k, v: (L.., hs).
+static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *vh, uint16_t *y, int64_t L, int64_t hs,
+                        float scale) {
+    int64_t chunks = (hs + 15) / 16;
+    __mmask16 mask[MAX_HEAD_SIZE / 16];
+    __m512 qf[MAX_HEAD_SIZE / 16], acc[MAX_HEAD_SIZE / 16];
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t left = hs - 16 * c;
+        mask[c] = _cvtu32_mask16(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+        qf[c] = _mm512_mul_ps(load_bf16x16(q + 16 * c, mask[c]), _mm512_set1_ps(scale));
+        acc[c] = _mm512_setzero_ps();
+    }
+    float *s = malloc((L + 16) * sizeof(float));
+    float top = -INFINITY;
+    for (int64_t l = 0; l < L; l++) {
+        __m512 d = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; c++) d = _mm512_fmadd_ps(qf[c], load_bf16x16(kh + l * hs + 16 * c, mask[c]), d);
+        s[l] = _mm512_reduce_add_ps(d);
+        top = s[l] > top ? s[l] : top;
+    }
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t l = 0; l < L; l += 16) {
+        __mmask16 m = _cvtu32_mask16(L - l >= 16 ? 0xFFFFu : (1u << (L - l)) - 1u);
+        __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), _mm512_set1_ps(top))));
+        _mm512_mask_storeu_ps(s + l, m, e);
+        total = _mm512_add_ps(total, e);
+    }
+    for (int64_t l = 0; l < L; l++) {
+        __m512 p = _mm512_set1_ps(s[l]);
+        for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(vh + l * hs + 16 * c, mask[c]), acc[c]);
+    }
+    free(s);
+    float inv = 1.0f / _mm512_reduce_add_ps(total), out[16];
+    for (int64_t c = 0; c < chunks; c++) {
+        _mm512_storeu_ps(out, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
+        for (int64_t i = 0; i < 16 && 16 * c + i < hs; i++) y[16 * c + i] = f32_to_bf16(out[i]);
+    }
+}
+
 // q: (B, n_head, hs); k, v: (B, n_groups, S, hs), of which positions 0 .. L-1 are attended; y: (B, n_head, hs).
 // Query heads share key/value heads in consecutive runs of n_head / n_groups (grouped-query attention).
 void attend_one(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B, int64_t n_head,
                 int64_t n_groups, int64_t S, int64_t L, int64_t hs, float scale) {
-    int64_t chunks = (hs + 15) / 16;
 #pragma omp parallel for schedule(static)
     for (int64_t bh = 0; bh < B * n_head; bh++) {
         int64_t b = bh / n_head, g = (bh % n_head) / (n_head / n_groups);
-        const uint16_t *kh = k + (b * n_groups + g) * S * hs, *vh = v + (b * n_groups + g) * S * hs;
-        __mmask16 mask[MAX_HEAD_SIZE / 16];
-        __m512 qf[MAX_HEAD_SIZE / 16], acc[MAX_HEAD_SIZE / 16];
-        for (int64_t c = 0; c < chunks; c++) {
-            int64_t left = hs - 16 * c;
-            mask[c] = _cvtu32_mask16(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
-            qf[c] = _mm512_mul_ps(load_bf16x16(q + bh * hs + 16 * c, mask[c]), _mm512_set1_ps(scale));
-            acc[c] = _mm512_setzero_ps();
-        }
-        float *s = malloc((L + 16) * sizeof(float));
-        float top = -INFINITY;
-        for (int64_t l = 0; l < L; l++) {
-            __m512 d = _mm512_setzero_ps();
-            for (int64_t c = 0; c < chunks; c++) d = _mm512_fmadd_ps(qf[c], load_bf16x16(kh + l * hs + 16 * c, mask[c]), d);
-            s[l] = _mm512_reduce_add_ps(d);
-            top = s[l] > top ? s[l] : top;
-        }
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t l = 0; l < L; l += 16) {
-            __mmask16 m = _cvtu32_mask16(L - l >= 16 ? 0xFFFFu : (1u << (L - l)) - 1u);
-            __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), _mm512_set1_ps(top))));
-            _mm512_mask_storeu_ps(s + l, m, e);
-            total = _mm512_add_ps(total, e);
-        }
-        for (int64_t l = 0; l < L; l++) {
-            __m512 p = _mm512_set1_ps(s[l]);
-            for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(vh + l * hs + 16 * c, mask[c]), acc[c]);
-        }
-        free(s);
-        float inv = 1.0f / _mm512_reduce_add_ps(total), out[16];
-        for (int64_t c = 0; c < chunks; c++) {
-            _mm512_storeu_ps(out, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
-            for (int64_t i = 0; i < 16 && 16 * c + i < hs; i++) y[bh * hs + 16 * c + i] = f32_to_bf16(out[i]);
-        }
+        int64_t kv = (b * n_groups + g) * S * hs;
+        attend_head(q + bh * hs, k + kv, v + kv, y + bh * hs, L, hs, scale);
+    }
+}
+
+// ---- the whole attention of a decode step: rotary embedding, cache write, attention -----------------------
+//
+// In eager PyTorch the rotary embedding, the split of the fused qkv row and the cache writes are ~25 small
+// ops per layer; after each layer's weights have streamed through the caches they measured ~0.5 ms per
+// layer, as much as reading a fifth of the layer's bf16 weights. Here they are one call.
+
+// GPT-NeoX "rotate half" on the first n_elem dims, rounded to bf16 after each product and after the sum,
+// exactly as apply_partial_rope computes it in bf16 (cos and sin rounded to bf16 first).
+static void rope_bf16(const uint16_t *x, const float *cos, const float *sin, uint16_t *out, int64_t hs, int64_t n_elem) {
+    int64_t half = n_elem / 2;
+    for (int64_t i = 0; i < n_elem; i++) {
+        float r = bf16_to_f32(x[i]), turned = i < half ? -bf16_to_f32(x[i + half]) : bf16_to_f32(x[i - half]);
+        float c = bf16_to_f32(f32_to_bf16(cos[i])), s = bf16_to_f32(f32_to_bf16(sin[i]));
+        out[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(r * c)) + bf16_to_f32(f32_to_bf16(turned * s)));
+    }
+    memmove(out + n_elem, x + n_elem, (hs - n_elem) * sizeof(uint16_t));
+}
+
+// qkv: (B, n_groups, q_per_kv + 2, hs), each group's query heads, then its key and value (the model's fused
+// layout); cos, sin: n_elem floats for position pos; k, v: the cache (B, n_groups, S, hs), written at pos;
+// y: (B, n_head, hs), attending to positions 0 .. pos.
+void attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v, uint16_t *y,
+                   int64_t B, int64_t n_head, int64_t n_groups, int64_t S, int64_t pos, int64_t hs, int64_t n_elem,
+                   float scale) {
+    int64_t q_per_kv = n_head / n_groups, stride = (q_per_kv + 2) * hs;
+    for (int64_t bg = 0; bg < B * n_groups; bg++) {
+        const uint16_t *group = qkv + bg * stride;
+        rope_bf16(group + q_per_kv * hs, cos, sin, k + (bg * S + pos) * hs, hs, n_elem);
+        memcpy(v + (bg * S + pos) * hs, group + (q_per_kv + 1) * hs, hs * sizeof(uint16_t));
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t bh = 0; bh < B * n_head; bh++) {
+        int64_t bg = bh / q_per_kv;
+        uint16_t q[MAX_HEAD_SIZE];
+        rope_bf16(qkv + bg * stride + (bh % q_per_kv) * hs, cos, sin, q, hs, n_elem);
+        attend_head(q, k + bg * S * hs, v + bg * S * hs, y + bh * hs, pos + 1, hs, scale);
     }
 }

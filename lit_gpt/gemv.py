@@ -79,7 +79,9 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.gemv_int8.argtypes = [p, p, p, p, p, i64, i64]
     lib.gemv_int4.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
     lib.attend_one.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float]
-    lib.gemv_bf16.restype = lib.gemv_int8.restype = lib.gemv_int4.restype = lib.attend_one.restype = None
+    lib.attend_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float]
+    for fn in (lib.gemv_bf16, lib.gemv_int8, lib.gemv_int4, lib.attend_one, lib.attend_decode):
+        fn.restype = None
     _lib, _loaded = lib, True
     return _lib
 
@@ -118,23 +120,23 @@ def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-# Each kernel is called directly in eager mode (a ctypes call costs ~2 us) and as a custom op under
-# torch.compile: opaque to inductor, which fuses the small ops around it and, unlike its own GEMMs, keeps
-# no packed copy of the weights.
+# In eager mode each kernel is a plain ctypes call (~3 us; the custom op's dispatch would add ~7 us, and a
+# decode step makes ~130 of them). Under torch.compile they are custom ops: opaque to inductor, which fuses
+# the small ops around them and, unlike its own GEMMs, keeps no packed copy of the weights.
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear(x, weight, bias) for one row: bf16 weight and bias (where `takes` says so)."""
     if torch.compiler.is_compiling():
         return torch.ops.lit_gpt.linear_bf16(x, weight, bias)
-    return _linear_bf16(x, weight, bias)
+    return _gemv_bf16(x, weight, bias)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x @ (weight * scales[:, None]).T + bias for one row: int8 weight, bf16 scales and bias (where `takes` says so)."""
     if torch.compiler.is_compiling():
         return torch.ops.lit_gpt.linear_int8(x, weight, scales, bias)
-    return _linear_int8(x, weight, scales, bias)
+    return _gemv_int8(x, weight, scales, bias)
 
 
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
@@ -143,7 +145,7 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     padded to a multiple of 64), W = (q - 8) * scale + zero per group; bf16 scales, zeros and bias."""
     if torch.compiler.is_compiling():
         return torch.ops.lit_gpt.linear_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
-    return _linear_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
+    return _gemv_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
 
 
 MAX_HEAD_SIZE = 256  # as in gemv.c
@@ -163,28 +165,52 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: tor
     F.scaled_dot_product_attention would."""
     if torch.compiler.is_compiling():
         return torch.ops.lit_gpt.attend_one(q, k, v, input_pos, scale)
-    return _attend_one(q, k, v, input_pos, scale)
+    return _attend(q, k, v, input_pos, scale)
 
 
-@torch.library.custom_op("lit_gpt::linear_bf16", mutates_args=())
-def _linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def takes_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 length: int) -> bool:
+    """Whether `attend_decode` can take this step: eager (under torch.compile inductor fuses the small ops
+    itself and calls `attend_one`), one bf16 query row per sequence, a bf16 cache with room for `length`
+    positions."""
+    return (not torch.compiler.is_compiling() and qkv.size(1) == 1 and qkv.dtype == k.dtype == v.dtype == torch.bfloat16
+            and cos.is_floating_point() and k.size(-1) <= MAX_HEAD_SIZE and 1 <= length <= k.size(2)
+            and usable(qkv, cos, sin, k, v))
+
+
+def attend_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  length: int, n_head: int, rope_n_elem: int, scale: float) -> torch.Tensor:
+    """A decode step's attention, from the fused qkv row to the heads' outputs, in one call.
+
+    qkv: (B, 1, n_groups * (n_head / n_groups + 2) * head_size), per group its query heads, key and value;
+    cos, sin: (1, rope_n_elem) rotary tables at the new position, length - 1; k, v: the cache
+    (B, n_groups, max_seq_length, head_size), into which the new key (rotated) and value are written.
+    Returns (B, 1, n_head * head_size): attention over positions 0 .. length - 1, as CausalSelfAttention
+    computes it in PyTorch (the rotary embedding rounded to bf16 the same way)."""
+    B, n_groups, S, head_size = k.shape
+    y = torch.empty(B, 1, n_head * head_size, dtype=torch.bfloat16)
+    cos, sin = cos.float(), sin.float()  # (exact: the kernel rounds them to bf16, as the PyTorch path does)
+    _lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B,
+                       n_head, n_groups, S, length - 1, head_size, rope_n_elem, scale)
+    return y
+
+
+def _gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x = x.contiguous()
     y = _out(x, weight.shape[0])
     _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
     return y
 
 
-@torch.library.custom_op("lit_gpt::linear_int8", mutates_args=())
-def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x = x.contiguous()
     y = _out(x, weight.shape[0])
     _lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
     return y
 
 
-@torch.library.custom_op("lit_gpt::linear_int4", mutates_args=())
-def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
-                 out_features: int, group_size: int) -> torch.Tensor:
+def _gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
+               out_features: int, group_size: int) -> torch.Tensor:
     x = x.contiguous()
     y = _out(x, out_features)
     rows, in_features = scales_and_zeros.shape[1], x.shape[-1]
@@ -193,8 +219,7 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.
     return y
 
 
-@torch.library.custom_op("lit_gpt::attend_one", mutates_args=())
-def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float) -> torch.Tensor:
     B, n_head, _, head_size = q.shape
     q = q.contiguous()
     y = torch.empty_like(q)
@@ -202,6 +227,13 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: to
     _lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2], length,
                     head_size, scale)
     return y
+
+
+# the same functions as custom ops, for torch.compile
+_linear_bf16 = torch.library.custom_op("lit_gpt::linear_bf16", _gemv_bf16, mutates_args=())
+_linear_int8 = torch.library.custom_op("lit_gpt::linear_int8", _gemv_int8, mutates_args=())
+_linear_int4 = torch.library.custom_op("lit_gpt::linear_int4", _gemv_int4, mutates_args=())
+_attend_one = torch.library.custom_op("lit_gpt::attend_one", _attend, mutates_args=())
 
 
 @_linear_bf16.register_fake

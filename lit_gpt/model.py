@@ -161,7 +161,15 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         c = self.config
         q_per_kv = c.n_head // c.n_query_groups
-        qkv = self.attn(x).view(B, T, c.n_query_groups, q_per_kv + 2, c.head_size)
+        scale = 1.0 / math.sqrt(c.head_size)
+        qkv = self.attn(x)
+        if input_pos is not None and self.kv_cache is not None:
+            cache = self.kv_cache
+            if gemv.takes_decode(qkv, cos, sin, cache.k, cache.v, attend[0]):  # an eager decode step on CPU
+                y = gemv.attend_decode(qkv, cos, sin, cache.k, cache.v, attend[0], c.n_head, c.rope_n_elem, scale)
+                return self.proj(y)
+
+        qkv = qkv.view(B, T, c.n_query_groups, q_per_kv + 2, c.head_size)
         q, k, v = qkv.split((q_per_kv, 1, 1), dim=3)
         q = q.reshape(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.reshape(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
@@ -170,7 +178,6 @@ class CausalSelfAttention(nn.Module):
         q = apply_partial_rope(q, cos, sin, c.rope_n_elem)
         k = apply_partial_rope(k, cos, sin, c.rope_n_elem)
 
-        scale = 1.0 / math.sqrt(c.head_size)
         if input_pos is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q_per_kv > 1)
         else:

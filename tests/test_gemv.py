@@ -204,7 +204,7 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
 
-    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "attend_one")]
+    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "attend_decode")]
     config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, intermediate_size=1024, block_size=64,
                               vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
     torch.manual_seed(0)
@@ -219,3 +219,53 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     assert spies[0].calls == 7 * (2 * 4 + 1) and spies[1].calls == 7 * 2  # every one-row step took the kernels
     err = (decoded - full[:, 4:]).abs().max().item()
     assert err <= 0.03 * full.abs().max().item(), err
+
+
+@needs_kernels
+@pytest.mark.parametrize(("batch", "n_head", "n_groups", "rotary_percentage"),
+                         [(1, 4, 4, 0.5), (2, 8, 2, 0.4), (3, 4, 1, 1.0)])
+def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, batch, n_head, n_groups,
+                                                                    rotary_percentage):
+    """attend_decode (rotary embedding, cache write and attention in one call) computes what the model's
+    PyTorch ops around attend_one compute: the same logits and the same cache, to the bit."""
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    config = Config.from_name("phi-1_5", n_layer=2, n_embd=320, n_head=n_head, n_query_groups=n_groups,
+                              intermediate_size=640, block_size=64, vocab_size=512, padded_vocab_size=512,
+                              rotary_percentage=rotary_percentage)
+    torch.manual_seed(0)
+    model = GPT(config).to(torch.bfloat16).eval()
+    idx = torch.randint(0, 512, (batch, 12))
+
+    def decode():
+        model.set_kv_cache(batch, 40)
+        with torch.inference_mode():
+            steps = [model(idx[:, :5], torch.arange(5))[:, -1]]
+            steps += [model(idx[:, i : i + 1], torch.tensor([i]))[:, -1] for i in range(5, 12)]
+        caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
+        return torch.stack(steps, dim=1), caches
+
+    fused = Spy(monkeypatch, "attend_decode")
+    logits, caches = decode()
+    assert fused.calls == 7 * 2
+    monkeypatch.setattr(gemv, "takes_decode", lambda *args: False)  # the PyTorch ops, then attend_one
+    separate = Spy(monkeypatch, "attend_one")
+    logits_ref, caches_ref = decode()
+    assert separate.calls == 7 * 2
+    assert torch.equal(logits, logits_ref)
+    assert all(torch.equal(a, b) for a, b in zip(caches, caches_ref))
+
+
+@needs_kernels
+def test_fused_decode_attention_leaves_a_full_cache_to_pytorch():
+    """A position past the cache is not written out of bounds: the PyTorch path raises its own error."""
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    config = Config.from_name("phi-1_5", n_layer=1, n_embd=64, n_head=2, intermediate_size=128, block_size=64,
+                              vocab_size=128, padded_vocab_size=128)
+    model = GPT(config).to(torch.bfloat16).eval()
+    model.set_kv_cache(1, 8)
+    with torch.inference_mode(), pytest.raises((IndexError, RuntimeError)):
+        model(torch.tensor([[1]]), torch.tensor([8]))
