@@ -433,7 +433,9 @@ def compile_decode(model: GPT) -> Callable:
 
     GPU: CUDA graphs ("reduce-overhead"), which remove the per-kernel launch cost of a step.
     CPU with our kernels (lit_gpt/gemv.py): inductor's default mode; the matrix-vector products and
-    the attention stay our kernels (custom ops) and inductor fuses the small ops between them.
+    the attention stay our kernels (custom ops) and inductor fuses the small ops between them, rounding
+    to bf16 where eager PyTorch does (emulate_precision_casts): the logits are eager's, bit for bit, so
+    greedy decoding gives the same tokens even where two logits tie.
     CPU without them: "max-autotune" with inductor's freezing, which lets inductor pack the weights
     for its own C++ GEMM kernels: faster than PyTorch's eager kernels (phi-2 bf16 on this project's
     2-core AMD EPYC: 1.9 -> 5.4 tokens/s), at the cost of minutes of compilation and a packed copy
@@ -441,16 +443,18 @@ def compile_decode(model: GPT) -> Callable:
     """
     if model.lm_head.weight.device.type == "cuda":
         return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
-    if gemv.available():  # loads the kernels now, before tracing (see gemv.usable)
-        return torch.compile(model, fullgraph=True, dynamic=False)
     import torch._inductor.config as inductor_config
 
-    compiled = torch.compile(model, mode="max-autotune", fullgraph=True, dynamic=False)
+    if gemv.available():  # loads the kernels now, before tracing (see gemv.usable)
+        compiled, options = torch.compile(model, fullgraph=True, dynamic=False), {"emulate_precision_casts": True}
+    else:
+        # freezing: the weights are constants of the graph, packed once when it compiles
+        compiled, options = torch.compile(model, mode="max-autotune", fullgraph=True, dynamic=False), {"freezing": True}
 
     def forward(idx: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        # freezing: the weights are constants of the graph, packed once when it compiles (on the first
-        # call); set here rather than globally, so other compilations in the process are unaffected
-        with inductor_config.patch(freezing=True):
+        # inductor reads these when it compiles (on the first call); set here rather than globally, so
+        # other compilations in the process are unaffected
+        with inductor_config.patch(**options):
             return compiled(idx, input_pos)
 
     return forward
