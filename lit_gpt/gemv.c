@@ -1,13 +1,15 @@
-// Matrix-vector products for batch-1 decode on x86 CPUs with AVX-512 BF16 (Zen 4, Sapphire Rapids, ...).
+// Matrix-vector products for batch-1 decode on x86 CPUs with AVX-512 BF16, VNNI and VBMI (Zen 4, Sapphire
+// Rapids, ...), and the attention of a decode step.
 //
 // A decode step multiplies one activation row by every weight matrix, so it is bound by how fast the
-// weights stream from memory. These kernels read the weights front to back as they are stored (one row
-// after the other: one sequential stream per thread, which the hardware prefetcher follows best; four
-// interleaved rows measured ~40% slower on 2560-wide rows), and accumulate in fp32 with vdpbf16ps.
+// weights stream from memory. These kernels read the weights front to back as they are stored (one
+// sequential stream per thread, which the hardware prefetcher follows best), bf16 with vdpbf16ps into
+// fp32, int8 and int4 with vpdpbusd into int32 against a 16-bit fixed-point copy of the activations.
 // Threads split the rows into contiguous ranges (OpenMP: the same runtime as torch, whose libgomp this
 // library binds to when loaded after torch).
 //
-// Built and loaded by lit_gpt/gemv.py; the results match F.linear up to fp32 summation order.
+// Built and loaded by lit_gpt/gemv.py; the results match F.linear up to fp32 summation order (and, for
+// int8/int4, the activations' rounding to 16 bits per block, ~1e-5 of the block's largest value).
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -32,148 +34,263 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torc
 
 static inline float bias_at(const uint16_t *bias, int64_t n) { return bias ? bf16_to_f32(bias[n]) : 0.0f; }
 
-// ---- bf16 weights: vdpbf16ps multiplies pairs of bf16 and adds them into fp32 lanes -------------------
-
-static inline __m512 dp_bf16(__m512 acc, const uint16_t *w, const uint16_t *x) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
+static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-static float dot_bf16(const uint16_t *w, const uint16_t *x, int64_t K) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();  // two chains hide the dpbf16 latency
+// Rows wider than this (with the activation row they are multiplied by) do not stay in a 32 KB L1 data
+// cache together: the activations are then reloaded from L2 for every row, and those reloads slowed the
+// weight stream (10240-wide rows measured ~25% slower than 2560-wide ones). Such rows go four at a time,
+// each activation load serving four rows; narrow rows go one at a time, which streams best for them
+// (four at a time measured ~15% slower on 2560-wide rows).
+#define WIDE_ROW_BYTES 16384
+#define ROWS 4  // rows per pass for wide rows
+
+// ---- bf16 weights: vdpbf16ps multiplies pairs of bf16 and adds them into fp32 lanes -------------------
+
+// out[r] = sum_k w[r * K + k] x[k] for R rows (two accumulators per row hide the dpbf16 latency)
+static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, const uint16_t *x, int64_t K, int R,
+                                                           float *out) {
+    __m512 a0[ROWS], a1[ROWS];
+    for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {
-        a0 = dp_bf16(a0, w + k, x + k);
-        a1 = dp_bf16(a1, w + k + 32, x + k + 32);
+        __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + k), x1 = (__m512bh)_mm512_loadu_si512(x + k + 32);
+        for (int r = 0; r < R; r++) {
+            a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), x0);
+            a1[r] = _mm512_dpbf16_ps(a1[r], (__m512bh)_mm512_loadu_si512(w + r * K + k + 32), x1);
+        }
     }
-    for (; k + 32 <= K; k += 32) a0 = dp_bf16(a0, w + k, x + k);
-    if (k < K) {  // the last K % 32 columns, zero-padded
-        __mmask32 m = _cvtu32_mask32((1u << (K - k)) - 1u);
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k), (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+    for (; k < K; k += 32) {  // the last K % 64 columns, zero-padded
+        __mmask32 m = _cvtu32_mask32(K - k >= 32 ? 0xFFFFFFFFu : (1u << (K - k)) - 1u);
+        __m512bh x0 = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+        for (int r = 0; r < R; r++)
+            a0[r] = _mm512_dpbf16_ps(a0[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * K + k), x0);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 }
 
 // y[n] = bias[n] + sum_k w[n, k] x[k]; all bf16, bias may be NULL.
 void gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K) {
+    int R = 4 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 2 + 2 bytes per column
 #pragma omp parallel for schedule(static)  // static: each thread one contiguous range of rows
-    for (int64_t n = 0; n < N; n++) y[n] = f32_to_bf16(dot_bf16(w + n * K, x, K) + bias_at(bias, n));
+    for (int64_t n = 0; n < N; n += R) {
+        int rows = N - n < R ? (int)(N - n) : R;
+        float out[ROWS];
+        if (rows == ROWS)
+            dot_bf16(w + n * K, x, K, ROWS, out);  // (R a constant once inlined: the accumulators stay in registers)
+        else
+            for (int r = 0; r < rows; r++) dot_bf16(w + (n + r) * K, x, K, 1, out + r);
+        for (int r = 0; r < rows; r++) y[n + r] = f32_to_bf16(out[r] + bias_at(bias, n + r));
+    }
+}
+
+// ---- the activation row as 16-bit fixed point, for the integer dot products of the int8/int4 kernels ---
+//
+// vpdpbusd multiplies 64 unsigned by 64 signed bytes and adds each four products into an int32 lane:
+// twice the products per instruction of vdpbf16ps, with no widening of the weights. The bf16 activations
+// become, per block of columns, x[k] ~ step * (256 hi[k] + lo[k]) with hi, lo signed bytes and
+// |256 hi + lo| <= 32639: an error of at most 1/65278 of the block's largest |x|, far below bf16's own
+// rounding (1/512 of each value) for all but values 128x smaller than the block's largest. The weights
+// enter as the unsigned operand (int4: q in 0..15; int8: q + 128), so results stay weight-only in effect.
+
+#define FIXED_MAX 32639.0f
+
+typedef struct {
+    int8_t *hi, *lo;    // K bytes each, zero-padded to a multiple of 64
+    float *step;        // per block
+    float *sum;         // per block: sum of x over it, in its fixed-point form: step * sum(256 hi + lo)
+    int finite;         // 0 if x holds an infinity or NaN
+} fixed_x;
+
+static int fixed_x_make(fixed_x *f, const uint16_t *x, int64_t K, int64_t block) {
+    int64_t padded = (K + 63) / 64 * 64, blocks = (K + block - 1) / block;
+    f->hi = aligned_alloc(64, 2 * padded);
+    f->step = malloc(2 * blocks * sizeof(float));
+    if (!f->hi || !f->step) {
+        free(f->hi);
+        free(f->step);
+        return 0;
+    }
+    f->lo = f->hi + padded;
+    f->sum = f->step + blocks;
+    memset(f->hi + K, 0, padded - K);
+    memset(f->lo + K, 0, padded - K);
+    f->finite = 1;
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t k0 = b * block, k1 = k0 + block < K ? k0 + block : K;
+        __m512 top = _mm512_setzero_ps();
+        __mmask16 bad = 0;
+        for (int64_t k = k0; k < k1; k += 16) {
+            __mmask16 m = _cvtu32_mask16(k1 - k >= 16 ? 0xFFFFu : (1u << (k1 - k)) - 1u);
+            __m512 a = _mm512_abs_ps(load_bf16x16(x + k, m));
+            bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // infinite or NaN
+            top = _mm512_max_ps(top, a);
+        }
+        if (bad) f->finite = 0;
+        float big = _mm512_reduce_max_ps(top);
+        float step = big > 0.0f ? big / FIXED_MAX : 1.0f;
+        __m512 inv = _mm512_set1_ps(1.0f / step);
+        __m512i total = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k1; k += 16) {
+            __mmask16 m = _cvtu32_mask16(k1 - k >= 16 ? 0xFFFFu : (1u << (k1 - k)) - 1u);
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16x16(x + k, m), inv));  // round to nearest
+            __m512i lo = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);                // the low byte, signed
+            __m512i hi = _mm512_srai_epi32(_mm512_sub_epi32(v, lo), 8);
+            _mm_mask_storeu_epi8(f->lo + k, m, _mm512_cvtepi32_epi8(lo));
+            _mm_mask_storeu_epi8(f->hi + k, m, _mm512_cvtepi32_epi8(hi));
+            total = _mm512_add_epi32(total, v);
+        }
+        f->step[b] = step;
+        f->sum[b] = step * (float)_mm512_reduce_add_epi32(total);
+    }
+    return 1;
+}
+
+static void fixed_x_free(fixed_x *f) {
+    free(f->hi);
+    free(f->step);
+}
+
+static void fill_nan(uint16_t *y, int64_t n) {  // for an infinite or NaN input (a float product gives NaN or inf)
+    for (int64_t i = 0; i < n; i++) y[i] = 0x7FC0;
 }
 
 // ---- int8 weights with one scale per row: y[n] = scale[n] * sum_k q[n, k] x[k] + bias[n] -------------
 //
-// Converting int8 to fp32 and using fp32 FMAs costs ~4x the instructions per byte of bf16 and is
-// compute-bound here. Instead each weight goes through vdpbf16ps as two exact bf16 numbers: with
-// u = q + 128 = 16 h + l (h, l in 0..15), the bf16 with bits 0x4300 | v is 128 + v, so
-//   sum_k q x = 16 sum_k (128 + h) x + sum_k (128 + l) x - (16 * 128 + 128 + 128) sum_k x.
-// The cancellation costs ~5 of fp32's 24 bits, far below the bf16 output's 8.
+// Per block of INT8_BLOCK columns and row, the int32 lanes gather 256 * sum (q + 128) hi + sum (q + 128) lo
+// (at most 16 products per lane: no overflow), become fp32 and are scaled by the block's step; the + 128
+// adds 128 * sum(x) to every row, subtracted once at the end.
 
-// int8 rows are converted on the way, which leaves the hardware prefetcher behind: ask 2 KB ahead
-// (measured: 0, 1 and 2 KB; bf16 reads best without)
-#define INT8_PREFETCH 2048
+#define INT8_BLOCK 256
 
-static float dot_int8(const int8_t *w, const uint16_t *x, int64_t K) {
-    const __m512i flip = _mm512_set1_epi8((char)0x80), low = _mm512_set1_epi16(0x000F), exp = _mm512_set1_epi16(0x4300);
-    __m512 h0 = _mm512_setzero_ps(), l0 = _mm512_setzero_ps(), h1 = _mm512_setzero_ps(), l1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        _mm_prefetch((const char *)(w + k) + INT8_PREFETCH, _MM_HINT_T0);
-        __m512i u = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);  // q + 128, as unsigned bytes
-        __m512i a = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(u));      // columns k .. k+31
-        __m512i b = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(u, 1)); // columns k+32 .. k+63
-        __m512i xa = _mm512_loadu_si512(x + k), xb = _mm512_loadu_si512(x + k + 32);
-        l0 = _mm512_dpbf16_ps(l0, (__m512bh)_mm512_ternarylogic_epi32(a, low, exp, 0xEA), (__m512bh)xa);  // (a & low) | exp
-        h0 = _mm512_dpbf16_ps(h0, (__m512bh)_mm512_or_si512(_mm512_srli_epi16(a, 4), exp), (__m512bh)xa);
-        l1 = _mm512_dpbf16_ps(l1, (__m512bh)_mm512_ternarylogic_epi32(b, low, exp, 0xEA), (__m512bh)xb);
-        h1 = _mm512_dpbf16_ps(h1, (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b, 4), exp), (__m512bh)xb);
+static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, const fixed_x *f, int64_t K, int R,
+                                                           float *out) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0, k0 = 0; k0 < K; b++, k0 += INT8_BLOCK) {
+        int64_t k1 = k0 + INT8_BLOCK < K ? k0 + INT8_BLOCK : K;
+        __m512i hi[ROWS], lo[ROWS];
+        for (int r = 0; r < R; r++) hi[r] = lo[r] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k1; k += 64) {
+            // past K the weights load as 0 (128 after the flip) and meet zero activations
+            __mmask64 m = k1 - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (k1 - k)) - 1);
+            __m512i xh = _mm512_load_si512(f->hi + k), xl = _mm512_load_si512(f->lo + k);
+            for (int r = 0; r < R; r++) {
+                __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * K + k), flip);
+                hi[r] = _mm512_dpbusd_epi32(hi[r], u, xh);
+                lo[r] = _mm512_dpbusd_epi32(lo[r], u, xl);
+            }
+        }
+        __m512 step = _mm512_set1_ps(f->step[b]);
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r])), step, acc[r]);
     }
-    float sum = 16.0f * _mm512_reduce_add_ps(_mm512_add_ps(h0, h1)) + _mm512_reduce_add_ps(_mm512_add_ps(l0, l1));
-    // each column above added (q + 2304) x; the last K % 64 columns add the same, one at a time
-    for (; k < K; k++) sum += ((float)w[k] + 2304.0f) * bf16_to_f32(x[k]);
-    return sum;
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
 void gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                int64_t N, int64_t K) {
-    float x_sum = 0.0f;
-    for (int64_t k = 0; k < K; k++) x_sum += bf16_to_f32(x[k]);
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float dot = dot_int8(w + n * K, x, K) - 2304.0f * x_sum;
-        y[n] = f32_to_bf16(dot * bf16_to_f32(scales[n]) + bias_at(bias, n));
+    fixed_x f;
+    if (!fixed_x_make(&f, x, K, INT8_BLOCK)) return fill_nan(y, N);
+    if (!f.finite) {
+        fixed_x_free(&f);
+        return fill_nan(y, N);
     }
+    float offset = 0.0f;
+    for (int64_t b = 0; b * INT8_BLOCK < K; b++) offset += 128.0f * f.sum[b];
+    int R = 3 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 1 + 2 bytes per column
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n += R) {
+        int rows = N - n < R ? (int)(N - n) : R;
+        float out[ROWS];
+        if (rows == ROWS)
+            dot_int8(w + n * K, &f, K, ROWS, out);
+        else
+            for (int r = 0; r < rows; r++) dot_int8(w + (n + r) * K, &f, K, 1, out + r);
+        for (int r = 0; r < rows; r++)
+            y[n + r] = f32_to_bf16((out[r] - offset) * bf16_to_f32(scales[n + r]) + bias_at(bias, n + r));
+    }
+    fixed_x_free(&f);
 }
 
 // ---- int4 weights in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, AVX-512 build) ------
 //
 // Rows come in blocks of 64; for each column k a block stores 32 bytes, byte j holding row j in its low
 // nibble and row j + 32 in its high one. scales_and_zeros is (K / group, N, 2) bf16 and the weight is
-// W[n, k] = (q - 8) * scale + zero. Two columns at a
-// time become bf16 pairs for vdpbf16ps (0x4300 | q is the bf16 of 128 + q), so per group g
-//   sum_{k in g} W x = scale * sum (128 + q) x + (zero - 136 * scale) * X_g,  X_g = sum_{k in g} x.
+// W[n, k] = (q - 8) * scale + zero. vpdpbusd needs each row's four consecutive columns in one 32-bit lane:
+// one byte permute over the 128 bytes of four columns gathers them for 16 rows (32 with both nibbles).
+// Per group g of columns, with the activations' fixed-point step s_g and sum X_g:
+//   sum_{k in g} W x = scale * s_g * sum q (256 hi + lo) + (zero - 8 scale) * X_g.
 
 #define INT4_BLOCK 64
 
-// the (128 + q) pairs of columns k, k+1 for 16 rows, from 16 bytes of each column
-static inline void pairs16(const uint8_t *a, const uint8_t *b, __m512i *low_rows, __m512i *high_rows) {
-    const __m512i nibble = _mm512_set1_epi32(0x000F000F), exp = _mm512_set1_epi32(0x43004300);
-    __m512i v = _mm512_or_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)a)),
-                                _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)b)), 16));
-    *low_rows = _mm512_ternarylogic_epi32(v, nibble, exp, 0xEA);  // (v & nibble) | exp
-    *high_rows = _mm512_ternarylogic_epi32(_mm512_srli_epi32(v, 4), nibble, exp, 0xEA);
-}
-
 // one block of 64 rows: out[r] = sum_k W[r, k] x[k]
-static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const uint16_t *x, const float *x_group,
-                       int64_t K, int64_t group, float *out) {
+static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const fixed_x *f, int64_t K, int64_t group,
+                       float *out) {
+    // byte 4 j + m of the permute's output is byte j of column k + m (the first 16 rows; +16: the next 16)
+    static const uint8_t gather[2][64] = {
+#define G(j, o) (j) + (o), 32 + (j) + (o), 64 + (j) + (o), 96 + (j) + (o)
+#define G16(o) G(0, o), G(1, o), G(2, o), G(3, o), G(4, o), G(5, o), G(6, o), G(7, o), G(8, o), G(9, o), G(10, o), \
+        G(11, o), G(12, o), G(13, o), G(14, o), G(15, o)
+        {G16(0)}, {G16(16)}};
+#undef G16
+#undef G
+    const __m512i first = _mm512_loadu_si512(gather[0]), second = _mm512_loadu_si512(gather[1]);
+    const __m512i nibble = _mm512_set1_epi8(0x0F);
+    const uint32_t *x_hi = (const uint32_t *)f->hi, *x_lo = (const uint32_t *)f->lo;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const uint32_t *x_pairs = (const uint32_t *)x;
     for (int64_t g = 0; g < K / group; g++) {
-        __m512 t[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t k = g * group; k < (g + 1) * group; k += 2) {
-            const uint8_t *a = w + k * 32, *b = a + 32;
-            __m512bh xp = (__m512bh)_mm512_set1_epi32((int)x_pairs[k / 2]);
-            __m512i r0, r32, r16, r48;
-            pairs16(a, b, &r0, &r32);            // rows 0..15 and 32..47
-            pairs16(a + 16, b + 16, &r16, &r48); // rows 16..31 and 48..63
-            t[0] = _mm512_dpbf16_ps(t[0], (__m512bh)r0, xp);
-            t[1] = _mm512_dpbf16_ps(t[1], (__m512bh)r16, xp);
-            t[2] = _mm512_dpbf16_ps(t[2], (__m512bh)r32, xp);
-            t[3] = _mm512_dpbf16_ps(t[3], (__m512bh)r48, xp);
+        __m512i hi[4], lo[4];  // rows 0..15, 16..31, 32..47, 48..63
+        for (int i = 0; i < 4; i++) hi[i] = lo[i] = _mm512_setzero_si512();
+        for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
+            __m512i c01 = _mm512_loadu_si512(w + k * 32), c23 = _mm512_loadu_si512(w + k * 32 + 64);
+            __m512i a = _mm512_permutex2var_epi8(c01, first, c23), b = _mm512_permutex2var_epi8(c01, second, c23);
+            __m512i q[4] = {_mm512_and_si512(a, nibble), _mm512_and_si512(b, nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble),
+                            _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble)};
+            __m512i xh = _mm512_set1_epi32((int)x_hi[k / 4]), xl = _mm512_set1_epi32((int)x_lo[k / 4]);
+            for (int i = 0; i < 4; i++) {
+                hi[i] = _mm512_dpbusd_epi32(hi[i], q[i], xh);
+                lo[i] = _mm512_dpbusd_epi32(lo[i], q[i], xl);
+            }
         }
-        __m512 xg = _mm512_set1_ps(x_group[g]), c136 = _mm512_set1_ps(136.0f);
+        __m512 step = _mm512_set1_ps(f->step[g]), x_sum = _mm512_set1_ps(f->sum[g]), eight = _mm512_set1_ps(8.0f);
         const uint32_t *s = sz + g * N;  // (scale, zero) of this group, one uint32 per row
         for (int i = 0; i < 4; i++) {
             __m512i pair = _mm512_loadu_si512(s + 16 * i);
             __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
             __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u)));
-            acc[i] = _mm512_fmadd_ps(scale, t[i], acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(c136, scale, zero), xg, acc[i]);
+            __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[i], 8), lo[i])), step);
+            acc[i] = _mm512_fmadd_ps(scale, dot, acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), x_sum, acc[i]);
         }
     }
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
-// N: rows as stored (a multiple of 64); the first n_out rows are written to y.
+// N: rows as stored (a multiple of 64); the first n_out rows are written to y. K: a multiple of group,
+// group a multiple of 4 (PyTorch's packing allows 32, 64, 128, 256).
 void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_zeros, const uint16_t *bias,
                uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group) {
-    float *x_group = malloc((K / group) * sizeof(float));
-    for (int64_t g = 0; g < K / group; g++) {
-        float s = 0.0f;
-        for (int64_t k = g * group; k < (g + 1) * group; k++) s += bf16_to_f32(x[k]);
-        x_group[g] = s;
+    fixed_x f;
+    if (!fixed_x_make(&f, x, K, group)) return fill_nan(y, n_out);
+    if (!f.finite) {
+        fixed_x_free(&f);
+        return fill_nan(y, n_out);
     }
     int64_t blocks = N / INT4_BLOCK;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         float out[INT4_BLOCK];
-        block_int4(w + b * INT4_BLOCK * K / 2, (const uint32_t *)scales_and_zeros + b * INT4_BLOCK, N, x, x_group, K,
-                   group, out);
+        block_int4(w + b * INT4_BLOCK * K / 2, (const uint32_t *)scales_and_zeros + b * INT4_BLOCK, N, &f, K, group, out);
         for (int r = 0; r < INT4_BLOCK; r++) {
             int64_t n = b * INT4_BLOCK + r;
             if (n < n_out) y[n] = f32_to_bf16(out[r] + bias_at(bias, n));
         }
     }
-    free(x_group);
+    fixed_x_free(&f);
 }
 
 // ---- attention of one new token over the cached keys and values -----------------------------------------
@@ -184,10 +301,6 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_z
 // of the values, reading keys and values once.
 
 #define MAX_HEAD_SIZE 256
-
-static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
 
 static inline __m512 exp16(__m512 x) {  // e^x for x <= 0: 2^n * e^r, |r| <= ln2 / 2, Taylor to r^7 (~1e-8)
     __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));

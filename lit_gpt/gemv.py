@@ -1,4 +1,4 @@
-"""Our matrix-vector kernels for batch-1 decode on CPUs with AVX-512 BF16 (the C is in gemv.c).
+"""Our matrix-vector kernels for batch-1 decode on CPUs with AVX-512 BF16, VNNI and VBMI (the C is in gemv.c).
 
 A decode step multiplies one row of activations by every weight matrix, so its speed is how fast the
 weights stream from memory. PyTorch's CPU kernels stream bf16 weights at ~60-75% of the read bandwidth
@@ -6,7 +6,7 @@ on these machines and its packed int8 kernel does worse; gemv.c reads each weigh
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
 The library is compiled on first use with the system C compiler (~1 s) into ~/.cache/lit_gpt and
-loaded with ctypes. Where that is not possible (no compiler, a CPU without AVX-512 BF16, another OS)
+loaded with ctypes. Where that is not possible (no compiler, a CPU without those instructions, another OS)
 or LIT_GPT_GEMV=0 is set, `available()` is False and the model uses PyTorch's kernels.
 """
 
@@ -25,9 +25,9 @@ import torch
 from lit_gpt.utils import atomic_path, first_line
 
 SOURCE = Path(__file__).with_name("gemv.c")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
-          "-fPIC", "-shared"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi")
+CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+          "-mavx512vbmi", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 
 _lib: Optional[ctypes.CDLL] = None
 _tried = False

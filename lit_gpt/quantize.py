@@ -5,7 +5,7 @@ bound by memory bandwidth: storing weights in 8 or 4 bits reads 2x or ~3.5x fewe
 The kernels (measured with scripts/bench_kernels.py; see the numbers there):
 
 - int8, per output channel, symmetric: `W ~ q * scale[n]`, q in [-127, 127].
-  CPU: one bf16 row (a decode step) goes through our gemv.c kernel where it builds (AVX-512 BF16),
+  CPU: one bf16 row (a decode step) goes through our gemv.c kernel where it builds (AVX-512 BF16/VNNI),
   everything else through `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations).
   CUDA and others: `F.linear(x, q.to(x.dtype)) * scale`, the pattern that inductor turns into a
   fused kernel under torch.compile (gpt-fast's int8 path); eager it is correct but not fast.

@@ -132,7 +132,7 @@ def bf16_kernels(N: int, K: int, gb: float) -> List[Kernel]:
 
 def _one_row_for_gemv(M: int, K: int) -> torch.Tensor:
     if M != 1 or not gemv.available():
-        raise ValueError("lit_gpt's gemv.c takes one row, on CPUs with AVX-512 BF16 and a C compiler")
+        raise ValueError("lit_gpt's gemv.c takes one row, on CPUs with AVX-512 BF16/VNNI/VBMI and a C compiler")
     return torch.randn(1, K, dtype=torch.bfloat16)
 
 

@@ -17,7 +17,7 @@ from lit_gpt.quantize import Int4Linear, Int8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILDABLE = gemv._cpu_has_flags() and shutil.which(os.environ.get("CC", "cc")) is not None
-needs_kernels = pytest.mark.skipif(not BUILDABLE, reason="needs a CPU with AVX-512 BF16 and a C compiler")
+needs_kernels = pytest.mark.skipif(not BUILDABLE, reason="needs a CPU with AVX-512 BF16/VNNI/VBMI and a C compiler")
 
 
 def _bf16_linear(in_features: int, out_features: int, bias: bool = True) -> Linear:
@@ -59,7 +59,7 @@ def test_kernels_build_and_load_on_this_machine():
 
 
 @needs_kernels
-@pytest.mark.parametrize("in_features", [1, 31, 32, 64, 65, 200, 2560])
+@pytest.mark.parametrize("in_features", [1, 31, 32, 64, 65, 200, 2560, 5000])  # 5000: wide rows, four at a time
 @pytest.mark.parametrize("out_features", [1, 5, 64, 130])
 @pytest.mark.parametrize("bias", [True, False])
 def test_bf16_kernel_matches_float32(in_features, out_features, bias):
@@ -71,7 +71,7 @@ def test_bf16_kernel_matches_float32(in_features, out_features, bias):
 
 
 @needs_kernels
-@pytest.mark.parametrize("in_features", [1, 16, 63, 64, 65, 130, 2560])
+@pytest.mark.parametrize("in_features", [1, 16, 63, 64, 65, 130, 2560, 6000])  # 6000: wide rows, a partial block
 @pytest.mark.parametrize("out_features", [1, 17, 64])
 def test_int8_kernel_matches_dequantized_weight(in_features, out_features, monkeypatch):
     spy = Spy(monkeypatch, "linear_int8")
@@ -95,6 +95,37 @@ def test_int4_kernel_matches_dequantized_weight_and_pytorch(group_size, in_featu
     _assert_close(y, ref)
     # PyTorch's own kernel on the same packed weight (two rows take its path) agrees as well
     _assert_close(q(x.expand(1, 2, in_features))[:, :1], ref)
+
+
+def _quantized(kind: str, in_features: int, out_features: int):
+    layer = _bf16_linear(in_features, out_features)
+    return Int8Linear.from_linear(layer) if kind == "int8" else Int4Linear.from_linear(layer, 32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("outlier", [1.0, 100.0, 1000.0])
+def test_quantized_kernels_are_as_accurate_as_pytorchs_with_outliers(kind, outlier):
+    """The int8/int4 kernels round the activations to 16-bit fixed point per block of columns. With an
+    outlier channel (as LayerNorm outputs have) in a block, the result stays as close to the exact product
+    as PyTorch's own kernel on the same weight, which keeps the bf16 activations as they are."""
+    q = _quantized(kind, 2560, 256)
+    x = _row(2560)
+    x[..., 300] = outlier
+    ref = F.linear(x.float(), q.dequantize(), q.bias.float())
+    ours = (q(x).float() - ref).abs().max().item()
+    pytorch = (q(x.expand(1, 2, 2560))[:, :1].float() - ref).abs().max().item()  # two rows: PyTorch's kernel
+    assert ours <= 1.25 * pytorch, (ours, pytorch)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_quantized_kernels_pass_a_nan_or_infinite_activation_on(kind, bad):
+    q = _quantized(kind, 512, 64)
+    x = _row(512)
+    x[..., 7] = bad
+    assert torch.isnan(q(x)).all()
 
 
 @needs_kernels
