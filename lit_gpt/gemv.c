@@ -5,8 +5,11 @@
 // weights stream from memory. These kernels read the weights front to back as they are stored (one
 // sequential stream per thread, which the hardware prefetcher follows best), bf16 with vdpbf16ps into
 // fp32, int8 and int4 with vpdpbusd into int32 against a 16-bit fixed-point copy of the activations.
-// Threads split the rows into contiguous ranges (OpenMP: the same runtime as torch, whose libgomp this
-// library binds to when loaded after torch).
+// Threads take the rows in chunks of ~1 MB of weights as they go (OpenMP dynamic schedule: the same
+// runtime as torch, whose libgomp this library binds to when loaded after torch). An even static split
+// left one thread waiting for the other: on these shared 2-core machines one core often streams slower,
+// and the phi-2 int4 products measured 9-15 ms per step of such waiting (out of 51-70 ms); 1 MB chunks
+// gained 3-7% per decode step over it, 64 KB chunks lost up to 10% (the streams restart too often).
 //
 // Built and loaded by lit_gpt/gemv.py; the results match F.linear up to fp32 summation order (and, for
 // int8/int4, the activations' rounding to 16 bits per block, ~1e-5 of the block's largest value).
@@ -45,6 +48,11 @@ static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
 // (four at a time measured ~15% slower on 2560-wide rows).
 #define WIDE_ROW_BYTES 16384
 #define ROWS 4  // rows per pass for wide rows
+#define CHUNK_BYTES (1 << 20)  // of weights, per piece of work a thread takes
+
+static inline int64_t chunk_of(int64_t bytes_per_item) {
+    return bytes_per_item >= CHUNK_BYTES ? 1 : CHUNK_BYTES / bytes_per_item;
+}
 
 // ---- bf16 weights: vdpbf16ps multiplies pairs of bf16 and adds them into fp32 lanes -------------------
 
@@ -73,7 +81,7 @@ static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, co
 // y[n] = bias[n] + sum_k w[n, k] x[k]; all bf16, bias may be NULL.
 void gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K) {
     int R = 4 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 2 + 2 bytes per column
-#pragma omp parallel for schedule(static)  // static: each thread one contiguous range of rows
+#pragma omp parallel for schedule(dynamic, chunk_of(R * K * 2))
     for (int64_t n = 0; n < N; n += R) {
         int rows = N - n < R ? (int)(N - n) : R;
         float out[ROWS];
@@ -201,7 +209,7 @@ void gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const
     float offset = 0.0f;
     for (int64_t b = 0; b * INT8_BLOCK < K; b++) offset += 128.0f * f.sum[b];
     int R = 3 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 1 + 2 bytes per column
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(R * K))
     for (int64_t n = 0; n < N; n += R) {
         int rows = N - n < R ? (int)(N - n) : R;
         float out[ROWS];
@@ -281,7 +289,7 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_z
         return fill_nan(y, n_out);
     }
     int64_t blocks = N / INT4_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, chunk_of(INT4_BLOCK * K / 2))
     for (int64_t b = 0; b < blocks; b++) {
         float out[INT4_BLOCK];
         block_int4(w + b * INT4_BLOCK * K / 2, (const uint32_t *)scales_and_zeros + b * INT4_BLOCK, N, &f, K, group, out);
