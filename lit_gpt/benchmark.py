@@ -37,7 +37,21 @@ def read_bandwidth(gigabytes: float = 2.0, repeats: int = 7) -> float:
 
 def peak_rss() -> int:
     """Peak resident memory of this process, in bytes (memory-mapped weights that were read included)."""
-    return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    return _status_kb("VmHWM") * 1024
+
+
+def rss() -> int:
+    """Resident memory of this process now, in bytes."""
+    return _status_kb("VmRSS") * 1024
+
+
+def _status_kb(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of everything the model holds: weights (quantized or not), KV cache, rotary tables, masks."""
+    return sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())
 
 
 def _timed_tokens(run) -> tuple[float, list[float]]:
@@ -77,6 +91,7 @@ def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bo
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+    start_rss = rss()  # the interpreter, torch and our modules, before any weight
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=None if mode in ("bf16", "fp32") else mode,
                        group_size=group_size)
@@ -93,7 +108,8 @@ def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bo
 
     first = _summary(*_timed_tokens(run), len(ids), decode_step_bytes(model))  # cold: pages, compilation
     steady = _summary(*_timed_tokens(run), len(ids), decode_step_bytes(model))
-    result = dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), device=device.type,
+    result = dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), start_rss=start_rss,
+                  model_bytes=_model_bytes(model), device=device.type,
                   peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
 
     text = Tokenizer(checkpoint_dir).encode(quality_text(), device=device)[None, :model.config.block_size]
@@ -115,6 +131,7 @@ def bench_transformers(hf_dir: Path, max_new_tokens: int) -> dict:
     from transformers.generation.streamers import BaseStreamer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    start_rss = rss()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
     load_s = time.perf_counter() - t0
@@ -139,7 +156,8 @@ def bench_transformers(hf_dir: Path, max_new_tokens: int) -> dict:
     step_bytes = sum(p.nbytes for n, p in model.named_parameters() if "embed_tokens" not in n)
     first = _summary(*_timed_tokens(run), ids.shape[1], step_bytes)
     steady = _summary(*_timed_tokens(run), ids.shape[1], step_bytes)
-    return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), device=device.type,
+    return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), start_rss=start_rss,
+                model_bytes=_model_bytes(model), device=device.type,
                 peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
 
 
@@ -240,11 +258,14 @@ def _median(results: list[dict]) -> dict:
 
 def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rounds: int = 1) -> None:
     ref = next((r for r in rows if r["name"].startswith("transformers") and "error" not in r), None)
+    bf16 = next((r for r in rows if r["name"].startswith("ours bf16") and "error" not in r), None)
     medians = f"; medians of {rounds} rounds" if rounds > 1 else ""
     print(f"\n{checkpoint_dir}, batch 1, greedy, {max_new_tokens} new tokens; read BW: a sum over 2 GB of float32, "
-          f"measured before and after each run{medians}\n")
-    head = ("| run | load s | first token s | prefill tok/s | decode tok/s | GB/step | GB/s | read BW GB/s | % of read BW "
-            "| peak RSS GB | decode vs transformers |")
+          f"measured before and after each run{medians}. Memory: peak RSS, and how far the peak rose above the "
+          f"process's RSS before loading (the interpreter and torch), against the model's bytes (weights, KV "
+          f"cache, tables)\n")
+    head = ("| run | load s | first token s | prefill tok/s | decode tok/s | vs our bf16 | GB/step | GB/s "
+            "| read BW GB/s | % of read BW | peak RSS GB | model GB | peak rise vs model | decode vs transformers |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -252,9 +273,11 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
             print(f"| {r['name']} | error: {r['error']} |")
             continue
         ratio = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "-"
+        vs_bf16 = f"{r['decode_tps'] / bf16['decode_tps']:.2f}x" if bf16 and r["name"].startswith("ours") else "-"
+        rise = (r["peak_rss"] - r["start_rss"]) / r["model_bytes"] - 1
         print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
-              f"| {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
-              f"| {r['peak_rss'] / 1e9:.2f} | {ratio} |")
+              f"| {vs_bf16} | {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
+              f"| {r['peak_rss'] / 1e9:.2f} | {r['model_bytes'] / 1e9:.3g} | {100 * rise:+.1f}% | {ratio} |")
     scored = [r for r in rows if "rel_error" in r]
     if scored:
         print(f"\nQuantized logits against bf16 over {scored[0]['positions']} positions of real text "

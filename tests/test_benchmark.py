@@ -24,17 +24,22 @@ def test_benchmark_prints_every_row(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert len(re.findall(r"read bandwidth [\d.]+ GB/s; running", proc.stderr)) == 4
-    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines()
-            if line.startswith("| ") and line.count("|") == 12}  # the speed table, not the quality one
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.count("|") == 15]
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]  # the speed table, not the quality one
+    rows = {line.split("|")[1].strip(): dict(zip(head, (c.strip() for c in line.split("|")[1:-1])))
+            for line in lines[1:]}
     assert set(rows) >= {"ours bf16", "ours int8", "ours int4", "transformers bf16"}, proc.stdout
     for name in ("ours bf16", "ours int8", "ours int4", "transformers bf16"):
-        cells = [c.strip() for c in rows[name].split("|")[2:-1]]
-        assert "error" not in rows[name], rows[name]
-        numbers = [float(c.rstrip("%x")) for c in cells]
-        assert all(n > 0 for n in numbers), rows[name]
-    # bytes per step: int8 stores about half of bf16, int4 about a quarter (plus scales)
-    gb = {name: float(rows[name].split("|")[6]) for name in ("ours bf16", "ours int8", "ours int4")}
-    assert gb["ours int4"] < gb["ours int8"] < gb["ours bf16"]
+        assert "error" not in rows[name]["load s"], rows[name]
+        numbers = {key: float(cell.rstrip("%x")) for key, cell in rows[name].items()
+                   if key not in ("run", "peak rise vs model") and cell != "-"}
+        assert all(n > 0 for n in numbers.values()), rows[name]
+        assert re.fullmatch(r"[+-]\d+\.\d%", rows[name]["peak rise vs model"]), rows[name]
+    assert rows["ours bf16"]["vs our bf16"] == "1.00x" and rows["transformers bf16"]["vs our bf16"] == "-"
+    # bytes per step and in memory: int8 stores about half of bf16, int4 about a quarter (plus scales)
+    for column in ("GB/step", "model GB"):
+        gb = {name: float(rows[name][column]) for name in ("ours bf16", "ours int8", "ours int4")}
+        assert gb["ours int4"] < gb["ours int8"] < gb["ours bf16"], column
     # quantized logits scored against bf16 on real text: small error, mostly the same top-1 token
     quality = re.findall(r"^\| ours (int8|int4) \| ([\d.]+)% \| ([\d.]+)% \|$", proc.stdout, re.M)
     assert [q[0] for q in quality] == ["int8", "int4"], proc.stdout
@@ -54,7 +59,7 @@ def test_rounds_rerun_every_configuration_and_report_medians(tmp_path):
     assert started == [("1", "ours bf16"), ("1", "ours int8"), ("2", "ours int8"), ("2", "ours bf16"),
                        ("3", "ours bf16"), ("3", "ours int8")], proc.stderr
     assert "medians of 3 rounds" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ours") and line.count("|") == 12]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ours") and line.count("|") == 15]
     assert [r.split("|")[1].strip() for r in rows] == ["ours bf16", "ours int8"], proc.stdout
 
     bad = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=600)
