@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -6,6 +7,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests run from a plain clone too, not only after `pip install -e .`
+
+# Some tests press Ctrl-C on a child process (chat, download). A shell starts a background job
+# (`bash .ci/run &`) with SIGINT ignored, children inherit that, and Python then installs no
+# KeyboardInterrupt handler: give the children the default disposition whatever started pytest.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
