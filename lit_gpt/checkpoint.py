@@ -372,8 +372,9 @@ def load_model(
         # The LM head first, then block by block: each layer's file pages stay resident until it is done,
         # and the head's (phi-2: 262 MB) weigh least while little else is resident (int4 peak: -0.1 GB).
         head = model.lm_head.weight
-        blocks = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
-        quantize_model(model, quantize, group_size, exclude=blocks)
+        all_but_head = [name for name, m in model.named_modules()
+                        if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+        quantize_model(model, quantize, group_size, exclude=all_but_head)
         pages.release(head)
         pages.trim_heap()
         for block in model.transformer.h:

@@ -368,10 +368,10 @@ static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *v
 // Query heads share key/value heads in consecutive runs of n_head / n_groups (grouped-query attention).
 void attend_one(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B, int64_t n_head,
                 int64_t n_groups, int64_t S, int64_t L, int64_t hs, float scale) {
+    int64_t q_per_kv = n_head / n_groups;
 #pragma omp parallel for schedule(static)
     for (int64_t bh = 0; bh < B * n_head; bh++) {
-        int64_t b = bh / n_head, g = (bh % n_head) / (n_head / n_groups);
-        int64_t kv = (b * n_groups + g) * S * hs;
+        int64_t kv = bh / q_per_kv * S * hs;  // (sequence, key/value head) bh / q_per_kv
         attend_head(q + bh * hs, k + kv, v + kv, y + bh * hs, L, hs, scale);
     }
 }

@@ -230,6 +230,14 @@ def test_attention_kernel_matches_float32(batch, n_head, n_groups, head_size, le
     _assert_close(y, ref)
 
 
+def _prefill_then_decode(model, idx: torch.Tensor, prefill: int = 5) -> torch.Tensor:
+    """The last-position logits of a prefill of `prefill` tokens, then of each later token decoded one by one."""
+    with torch.inference_mode():
+        steps = [model(idx[:, :prefill], torch.arange(prefill))[:, -1]]
+        steps += [model(idx[:, i : i + 1], torch.tensor([i]))[:, -1] for i in range(prefill, idx.size(1))]
+    return torch.stack(steps, dim=1)
+
+
 @needs_kernels
 def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypatch):
     from lit_gpt.config import Config
@@ -243,10 +251,8 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     idx = torch.randint(0, 512, (1, 12))
     with torch.inference_mode():
         full = model(idx).float()
-        model.set_kv_cache(1)
-        steps = [model(idx[:, :5], torch.arange(5))[:, -1]]
-        steps += [model(idx[:, i : i + 1], torch.tensor([i]))[:, -1] for i in range(5, 12)]
-    decoded = torch.stack(steps, dim=1).float()
+    model.set_kv_cache(1)
+    decoded = _prefill_then_decode(model, idx).float()
     assert spies[0].calls == 7 * (2 * 4 + 1) and spies[1].calls == 7 * 2  # every one-row step took the kernels
     err = (decoded - full[:, 4:]).abs().max().item()
     assert err <= 0.03 * full.abs().max().item(), err
@@ -271,11 +277,9 @@ def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, 
 
     def decode():
         model.set_kv_cache(batch, 40)
-        with torch.inference_mode():
-            steps = [model(idx[:, :5], torch.arange(5))[:, -1]]
-            steps += [model(idx[:, i : i + 1], torch.tensor([i]))[:, -1] for i in range(5, 12)]
+        logits = _prefill_then_decode(model, idx)
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
-        return torch.stack(steps, dim=1), caches
+        return logits, caches
 
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
