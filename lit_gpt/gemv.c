@@ -160,6 +160,10 @@ static void fixed_x_free(fixed_x *f) {
     free(f->step);
 }
 
+// The int8/int4 products and the attention return 0, or -1 where their scratch memory (a few KB to a few
+// hundred KB) could not be allocated; the caller raises MemoryError.
+#define OUT_OF_MEMORY (-1)
+
 static void fill_nan(uint16_t *y, int64_t n) {  // for an infinite or NaN input (a float product gives NaN or inf)
     for (int64_t i = 0; i < n; i++) y[i] = 0x7FC0;
 }
@@ -198,13 +202,14 @@ static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, cons
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-void gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
-               int64_t N, int64_t K) {
+int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+              int64_t N, int64_t K) {
     fixed_x f;
-    if (!fixed_x_make(&f, x, K, INT8_BLOCK)) return fill_nan(y, N);
+    if (!fixed_x_make(&f, x, K, INT8_BLOCK)) return OUT_OF_MEMORY;
     if (!f.finite) {
         fixed_x_free(&f);
-        return fill_nan(y, N);
+        fill_nan(y, N);
+        return 0;
     }
     float offset = 0.0f;
     for (int64_t b = 0; b * INT8_BLOCK < K; b++) offset += 128.0f * f.sum[b];
@@ -221,6 +226,7 @@ void gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const
             y[n + r] = f32_to_bf16((out[r] - offset) * bf16_to_f32(scales[n + r]) + bias_at(bias, n + r));
     }
     fixed_x_free(&f);
+    return 0;
 }
 
 // ---- int4 weights in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, AVX-512 build) ------
@@ -280,13 +286,14 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const fi
 
 // N: rows as stored (a multiple of 64); the first n_out rows are written to y. K: a multiple of group,
 // group a multiple of 4 (PyTorch's packing allows 32, 64, 128, 256).
-void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_zeros, const uint16_t *bias,
-               uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group) {
+int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_zeros, const uint16_t *bias,
+              uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group) {
     fixed_x f;
-    if (!fixed_x_make(&f, x, K, group)) return fill_nan(y, n_out);
+    if (!fixed_x_make(&f, x, K, group)) return OUT_OF_MEMORY;
     if (!f.finite) {
         fixed_x_free(&f);
-        return fill_nan(y, n_out);
+        fill_nan(y, n_out);
+        return 0;
     }
     int64_t blocks = N / INT4_BLOCK;
 #pragma omp parallel for schedule(dynamic, chunk_of(INT4_BLOCK * K / 2))
@@ -299,6 +306,7 @@ void gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_z
         }
     }
     fixed_x_free(&f);
+    return 0;
 }
 
 // ---- attention of one new token over the cached keys and values -----------------------------------------
@@ -325,9 +333,10 @@ static inline __m512 exp16(__m512 x) {  // e^x for x <= 0: 2^n * e^r, |r| <= ln2
     return _mm512_scalef_ps(p, n);
 }
 
-// One (sequence, head): softmax(q . k_l * scale) over l < L, times the values. q, y: hs; k, v: (L.., hs).
+// One (sequence, head): softmax(q . k_l * scale) over l < L, times the values. q, y: hs; k, v: (L.., hs);
+// s: room for L + 16 scores.
 static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *vh, uint16_t *y, int64_t L, int64_t hs,
-                        float scale) {
+                        float scale, float *s) {
     int64_t chunks = (hs + 15) / 16;
     __mmask16 mask[MAX_HEAD_SIZE / 16];
     __m512 qf[MAX_HEAD_SIZE / 16], acc[MAX_HEAD_SIZE / 16];
@@ -337,7 +346,6 @@ static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *v
         qf[c] = _mm512_mul_ps(load_bf16x16(q + 16 * c, mask[c]), _mm512_set1_ps(scale));
         acc[c] = _mm512_setzero_ps();
     }
-    float *s = malloc((L + 16) * sizeof(float));
     float top = -INFINITY;
     for (int64_t l = 0; l < L; l++) {
         __m512 d = _mm512_setzero_ps();
@@ -356,7 +364,6 @@ static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *v
         __m512 p = _mm512_set1_ps(s[l]);
         for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(p, load_bf16x16(vh + l * hs + 16 * c, mask[c]), acc[c]);
     }
-    free(s);
     float inv = 1.0f / _mm512_reduce_add_ps(total), out[16];
     for (int64_t c = 0; c < chunks; c++) {
         _mm512_storeu_ps(out, _mm512_mul_ps(acc[c], _mm512_set1_ps(inv)));
@@ -366,14 +373,25 @@ static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *v
 
 // q: (B, n_head, hs); k, v: (B, n_groups, S, hs), of which positions 0 .. L-1 are attended; y: (B, n_head, hs).
 // Query heads share key/value heads in consecutive runs of n_head / n_groups (grouped-query attention).
-void attend_one(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B, int64_t n_head,
-                int64_t n_groups, int64_t S, int64_t L, int64_t hs, float scale) {
+int attend_one(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B, int64_t n_head,
+               int64_t n_groups, int64_t S, int64_t L, int64_t hs, float scale) {
     int64_t q_per_kv = n_head / n_groups;
-#pragma omp parallel for schedule(static)
-    for (int64_t bh = 0; bh < B * n_head; bh++) {
-        int64_t kv = bh / q_per_kv * S * hs;  // (sequence, key/value head) bh / q_per_kv
-        attend_head(q + bh * hs, k + kv, v + kv, y + bh * hs, L, hs, scale);
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *s = malloc((L + 16) * sizeof(float));  // each thread's scores, for all its heads
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * n_head; bh++) {
+            int64_t kv = bh / q_per_kv * S * hs;  // (sequence, key/value head) bh / q_per_kv
+            if (s) attend_head(q + bh * hs, k + kv, v + kv, y + bh * hs, L, hs, scale, s);
+        }
+        free(s);
     }
+    return failed ? OUT_OF_MEMORY : 0;
 }
 
 // ---- the whole attention of a decode step: rotary embedding, cache write, attention -----------------------
@@ -397,20 +415,31 @@ static void rope_bf16(const uint16_t *x, const float *cos, const float *sin, uin
 // qkv: (B, n_groups, q_per_kv + 2, hs), each group's query heads, then its key and value (the model's fused
 // layout); cos, sin: n_elem floats for position pos; k, v: the cache (B, n_groups, S, hs), written at pos;
 // y: (B, n_head, hs), attending to positions 0 .. pos.
-void attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v, uint16_t *y,
-                   int64_t B, int64_t n_head, int64_t n_groups, int64_t S, int64_t pos, int64_t hs, int64_t n_elem,
-                   float scale) {
+int attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v, uint16_t *y,
+                  int64_t B, int64_t n_head, int64_t n_groups, int64_t S, int64_t pos, int64_t hs, int64_t n_elem,
+                  float scale) {
     int64_t q_per_kv = n_head / n_groups, stride = (q_per_kv + 2) * hs;
     for (int64_t bg = 0; bg < B * n_groups; bg++) {
         const uint16_t *group = qkv + bg * stride;
         rope_bf16(group + q_per_kv * hs, cos, sin, k + (bg * S + pos) * hs, hs, n_elem);
         memcpy(v + (bg * S + pos) * hs, group + (q_per_kv + 1) * hs, hs * sizeof(uint16_t));
     }
-#pragma omp parallel for schedule(static)
-    for (int64_t bh = 0; bh < B * n_head; bh++) {
-        int64_t bg = bh / q_per_kv;
-        uint16_t q[MAX_HEAD_SIZE];
-        rope_bf16(qkv + bg * stride + (bh % q_per_kv) * hs, cos, sin, q, hs, n_elem);
-        attend_head(q, k + bg * S * hs, v + bg * S * hs, y + bh * hs, pos + 1, hs, scale);
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *s = malloc((pos + 1 + 16) * sizeof(float));
+        if (!s) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * n_head; bh++) {
+            int64_t bg = bh / q_per_kv;
+            uint16_t q[MAX_HEAD_SIZE];
+            rope_bf16(qkv + bg * stride + (bh % q_per_kv) * hs, cos, sin, q, hs, n_elem);
+            if (s) attend_head(q, k + bg * S * hs, v + bg * S * hs, y + bh * hs, pos + 1, hs, scale, s);
+        }
+        free(s);
     }
+    return failed ? OUT_OF_MEMORY : 0;
 }

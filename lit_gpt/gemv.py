@@ -80,8 +80,9 @@ def _load() -> Optional[ctypes.CDLL]:
     lib.gemv_int4.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
     lib.attend_one.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float]
     lib.attend_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float]
-    for fn in (lib.gemv_bf16, lib.gemv_int8, lib.gemv_int4, lib.attend_one, lib.attend_decode):
-        fn.restype = None
+    lib.gemv_bf16.restype = None
+    for fn in (lib.gemv_int8, lib.gemv_int4, lib.attend_one, lib.attend_decode):
+        fn.restype = ctypes.c_int  # 0, or -1: its scratch memory could not be allocated
     _lib, _loaded = lib, True
     return _lib
 
@@ -118,6 +119,11 @@ def _out(x: torch.Tensor, n: int) -> torch.Tensor:
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("out of memory for the decode kernels' scratch buffers (lit_gpt/gemv.c)")
 
 
 # In eager mode each kernel is a plain ctypes call (~3 us; the custom op's dispatch would add ~7 us, and a
@@ -190,8 +196,8 @@ def attend_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: to
     B, n_groups, S, head_size = k.shape
     y = torch.empty(B, 1, n_head * head_size, dtype=torch.bfloat16)
     cos, sin = cos.float(), sin.float()  # (exact: the kernel rounds them to bf16, as the PyTorch path does)
-    _lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B,
-                       n_head, n_groups, S, length - 1, head_size, rope_n_elem, scale)
+    _check(_lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
+                              B, n_head, n_groups, S, length - 1, head_size, rope_n_elem, scale))
     return y
 
 
@@ -205,7 +211,7 @@ def _gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def _gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x = x.contiguous()
     y = _out(x, weight.shape[0])
-    _lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
+    _check(_lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape))
     return y
 
 
@@ -214,8 +220,8 @@ def _gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Te
     x = x.contiguous()
     y = _out(x, out_features)
     rows, in_features = scales_and_zeros.shape[1], x.shape[-1]
-    _lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(), rows,
-                   out_features, in_features, group_size)
+    _check(_lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(), rows,
+                          out_features, in_features, group_size))
     return y
 
 
@@ -224,8 +230,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.
     q = q.contiguous()
     y = torch.empty_like(q)
     length = int(input_pos.reshape(-1)[-1]) + 1
-    _lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2], length,
-                    head_size, scale)
+    _check(_lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2],
+                           length, head_size, scale))
     return y
 
 

@@ -304,3 +304,54 @@ def test_fused_decode_attention_leaves_a_full_cache_to_pytorch():
     model.set_kv_cache(1, 8)
     with torch.inference_mode(), pytest.raises((IndexError, RuntimeError)):
         model(torch.tensor([[1]]), torch.tensor([8]))
+
+
+
+OUT_OF_MEMORY_PROBE = """
+import resource, torch
+from lit_gpt import gemv
+torch.set_num_threads(2)
+assert gemv.available()
+bf16, K, S = torch.bfloat16, 1 << 25, 1 << 25
+# each call needs >= 64 MB of scratch: the 16-bit copy of a 32M-column row, or 32M attention scores per
+# thread (zero-filled inputs are only reserved address space, not memory)
+one, row = torch.ones(1, dtype=bf16), torch.ones(1, K, dtype=bf16)
+int8, int4 = torch.zeros(1, K, dtype=torch.int8), torch.zeros(64, K // 2, dtype=torch.uint8)
+int4_scales = torch.zeros(K // 32, 64, 2, dtype=bf16)
+k, v, q, qkv = (torch.zeros(1, 1, S, 8, dtype=bf16), torch.zeros(1, 1, S, 8, dtype=bf16),
+                torch.ones(1, 1, 1, 8, dtype=bf16), torch.ones(1, 1, 24, dtype=bf16))
+cos, sin, pos = torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([S - 1])
+calls = {
+    "int8": lambda: gemv.linear_int8(row, int8, one, None),
+    "int4": lambda: gemv.linear_int4(row, int4, int4_scales, None, 1, 32),
+    "attend_one": lambda: gemv.attend_one(q, k, v, pos, 1.0),
+    "attend_decode": lambda: gemv.attend_decode(qkv, cos, sin, k, v, S, 1, 8, 1.0),
+}
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+for name, call in calls.items():
+    used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (used + (32 << 20), hard))  # 32 MB more address space at most
+    try:
+        call()
+        print(name, "no-error")
+    except MemoryError as e:
+        print(name, "MemoryError:", e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+small = gemv.linear_int8(torch.ones(1, 64, dtype=bf16), torch.ones(1, 64, dtype=torch.int8), one, None)
+print("after", small.item())
+"""
+
+
+@needs_kernels
+def test_kernels_raise_memory_error_when_their_scratch_cannot_be_allocated():
+    """The int8/int4 products and the attention allocate scratch memory per call: where that fails they raise
+    MemoryError (not a crash, not a NaN answer), and the process goes on."""
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_PROBE], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:4]] == [f"{name} MemoryError" for name in
+                                                          ("int8", "int4", "attend_one", "attend_decode")], lines
+    assert "scratch" in lines[0]
+    assert lines[4] == "after 64.0"
