@@ -96,21 +96,28 @@ def usable(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether the kernels can take these tensors (None for a missing one): contiguous, on the CPU,
     for inference only (no autograd), with the kernels built (under torch.compile: built beforehand,
     as `lit_gpt.generate.compile_decode` does)."""
-    present = [t for t in tensors if t is not None]
-    return (
-        all(t.device.type == "cpu" and t.is_contiguous() for t in present)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-        and (_loaded if torch.compiler.is_compiling() else available())
-    )
+    # plain loops and attribute checks: a decode step asks ~160 times (generators and t.device cost
+    # ~2 ms per step)
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.is_contiguous()):
+            return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return _loaded if torch.compiler.is_compiling() else available()
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, in_features: int,
           *bf16_tensors: Optional[torch.Tensor]) -> bool:
     """Whether x is one bf16 row that the kernels can multiply by a layer: its weight stored as
     `weight_dtype`, and its other tensors (scales, bias; None for a missing one) in bf16."""
-    return (x.numel() == in_features and x.dtype == torch.bfloat16 and weight.dtype == weight_dtype
-            and all(t is None or t.dtype == torch.bfloat16 for t in bf16_tensors)
-            and usable(x, weight, *bf16_tensors))
+    if x.numel() != in_features or x.dtype != torch.bfloat16 or weight.dtype != weight_dtype:
+        return False
+    for t in bf16_tensors:
+        if t is not None and t.dtype != torch.bfloat16:
+            return False
+    return usable(x, weight, *bf16_tensors)
 
 
 def _out(x: torch.Tensor, n: int) -> torch.Tensor:
