@@ -20,7 +20,8 @@ def first_line(e: Exception, limit: int = 160) -> str:
 def run_cli(fn: Callable) -> None:
     """Run `fn` as a jsonargparse command line; user errors become one line on stderr and exit code 1.
 
-    Ctrl-C exits with 130 and a short notice instead of a traceback.
+    Ctrl-C exits with 130 and a short notice instead of a traceback; running out of memory (host or GPU)
+    is one line too.
     """
     from jsonargparse import CLI
 
@@ -32,6 +33,12 @@ def run_cli(fn: Callable) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
+    except Exception as e:
+        torch = sys.modules.get("torch")  # (download does not import it)
+        if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+            print(f"error: out of memory: {first_line(e)}", file=sys.stderr)
+            raise SystemExit(1)
+        raise
 
 
 @contextmanager

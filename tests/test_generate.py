@@ -389,3 +389,22 @@ def test_generate_script_prompt_too_long(ckpt):
     r = run_script("--prompt", "word " * 99 + "word", "--checkpoint_dir", str(d), "--max_new_tokens", "50")
     assert r.returncode == 1
     assert "use --max_new_tokens 28 or less" in r.stderr.decode()
+
+
+def test_running_out_of_memory_is_one_line_not_a_traceback(tmp_path):
+    """The scripts' common entry point: a real MemoryError (here Python's, asking for a terabyte) ends as one
+    `error:` line and exit code 1."""
+    script = tmp_path / "oom.py"
+    script.write_text(
+        "from lit_gpt.utils import run_cli\n"
+        "def main() -> None:\n"
+        "    '''Ask for a terabyte.'''\n"
+        "    bytearray(1 << 40)\n"
+        "run_cli(main)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: out of memory"), proc.stderr
