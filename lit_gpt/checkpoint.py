@@ -338,6 +338,8 @@ def load_model(
     dtype: Optional[torch.dtype] = None,
     quantize: Optional[str] = None,
     group_size: int = 32,
+    use_saved: bool = True,
+    progress: bool = False,
 ) -> GPT:
     """Build a GPT from a converted checkpoint directory, without a second copy of the weights.
 
@@ -346,12 +348,20 @@ def load_model(
     must be converted (another dtype or device) or quantized ("int8", "int4", see lit_gpt.quantize),
     it is done one tensor / one block at a time and the file pages just read are handed back, so peak
     memory stays near the size of the result, not the sum of both.
+
+    int8/int4 on the CPU load a quantized checkpoint saved by `save_quantized` (scripts/quantize.py)
+    instead, where one of that mode, group size and dtype exists and lit_model.pth has not changed
+    since (use_saved=False: always quantize). progress: show the quantization block by block.
     """
     checkpoint_dir = Path(checkpoint_dir)
     device = torch.device(device)
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     config = Config.from_json(checkpoint_dir / "lit_config.json")
+    if use_saved and quantize in ("int8", "int4") and device.type == "cpu":
+        saved = _saved_quantized(checkpoint_dir, quantize, group_size, dtype)
+        if saved is not None:
+            return _load_saved_quantized(saved, config, quantize, group_size)
     state_dict = load_lit_state_dict(checkpoint_dir, config)
     if quantize is not None and quantize.startswith("bnb."):
         return _load_bitsandbytes(config, state_dict, device, dtype or torch.bfloat16, quantize)
@@ -377,12 +387,144 @@ def load_model(
         quantize_model(model, quantize, group_size, exclude=all_but_head)
         pages.release(head)
         pages.trim_heap()
-        for block in model.transformer.h:
+        for block in _progress(model.transformer.h, len(model.transformer.h), f"quantizing to {quantize}", progress,
+                               unit="block"):
             weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
             quantize_model(block, quantize, group_size)
             for weight in weights:
                 pages.release(weight)
             pages.trim_heap()
+    return model.eval()
+
+
+# ---- quantized checkpoints: quantize once (scripts/quantize.py), load in seconds ------------------------
+
+
+def saved_quantized_path(checkpoint_dir: Path, mode: str, group_size: int = 32) -> Path:
+    """Where `save_quantized` writes: lit_model.int8.pth or lit_model.int4-g<group_size>.pth (and a .json
+    beside it that says what it was made from)."""
+    name = "lit_model.int8.pth" if mode == "int8" else f"lit_model.int4-g{group_size}.pth"
+    return Path(checkpoint_dir) / name
+
+
+def _source_stamp(checkpoint_dir: Path) -> dict:
+    stat = (Path(checkpoint_dir) / "lit_model.pth").stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _pieces(model: GPT) -> list[tuple[str, torch.nn.Module]]:
+    """The model as modules whose state dicts together are the model's, a block at a time."""
+    t = model.transformer
+    return ([("transformer.wte", t.wte)] + [(f"transformer.h.{i}", b) for i, b in enumerate(t.h)]
+            + [("transformer.ln_f", t.ln_f), ("lm_head", model.lm_head)])
+
+
+def _stored_tensors(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The module's parameters and persistent buffers as they are in memory (quantized layers in their
+    device layout, unlike state_dict's portable form)."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        if leaf not in module.get_submodule(owner)._non_persistent_buffers_set:
+            yield f"{prefix}.{name}", tensor.detach()
+
+
+def save_quantized(checkpoint_dir: Path, mode: str, group_size: int = 32, dtype: Optional[torch.dtype] = None,
+                   progress: bool = True) -> Path:
+    """Quantize lit_model.pth (int8 or int4, as `load_model` does) and save the whole model beside it, so
+    that `load_model(..., quantize=mode)` on the CPU loads it in seconds instead of quantizing again.
+    Returns the path.
+
+    The tensors are saved as the CPU kernels hold them (int4: PyTorch's packed CPU layout, which differs
+    between CPU builds, so the file is for this machine's torch: a portable quantized state dict is
+    `model.state_dict()`); scales, biases, embedding and norms in `dtype` (default: as in lit_model.pth).
+    """
+    from lit_gpt.quantize import INT4_GROUP_SIZES, MODES, cpu_int4_layout_id
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if mode not in MODES:
+        raise UserError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise UserError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if not (checkpoint_dir / "lit_config.json").is_file():
+        raise UserError(f"{checkpoint_dir / 'lit_config.json'} is missing; convert the checkpoint first with "
+                        f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
+    stamp = _source_stamp(checkpoint_dir) if (checkpoint_dir / "lit_model.pth").is_file() else None
+    model = load_model(checkpoint_dir, "cpu", dtype, quantize=mode, group_size=group_size, use_saved=False,
+                       progress=progress)
+    out = saved_quantized_path(checkpoint_dir, mode, group_size)
+    about = {"mode": mode, "group_size": group_size if mode == "int4" else None,
+             "dtype": str(model.transformer.wte.weight.dtype).removeprefix("torch."),
+             "int4_layout": cpu_int4_layout_id() if mode == "int4" else None, "lit_model.pth": stamp}
+    with atomic_path(out) as tmp:
+        with IncrementalTensorWriter(tmp) as writer:
+            for prefix, module in _progress(_pieces(model), len(_pieces(model)), "saving", progress, unit="part"):
+                for name, tensor in _stored_tensors(module, prefix):
+                    writer.add(name, tensor)
+        with atomic_path(out.with_suffix(".json")) as tmp_about:
+            tmp_about.write_text(json.dumps(about, indent=2))
+    return out
+
+
+def _saved_quantized(checkpoint_dir: Path, mode: str, group_size: int, dtype: Optional[torch.dtype]) -> Optional[Path]:
+    """The saved quantized checkpoint for this mode, group size and dtype, if there is one, lit_model.pth
+    has not changed since it was made and (int4) this torch packs int4 the same way; a note on stderr
+    where one exists but does not fit."""
+    from lit_gpt.quantize import cpu_int4_layout_id
+
+    path = saved_quantized_path(checkpoint_dir, mode, group_size)
+    if not path.is_file():
+        return None
+    again = f"quantizing at load (save it again with `python scripts/quantize.py --checkpoint_dir {checkpoint_dir}`)"
+    try:
+        about = json.loads(path.with_suffix(".json").read_text())
+        made_from, made_in, layout = about["lit_model.pth"], about["dtype"], about["int4_layout"]
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"note: {path.with_suffix('.json')} is missing or unreadable; {again}", file=sys.stderr)
+        return None
+    if (Path(checkpoint_dir) / "lit_model.pth").is_file() and made_from != _source_stamp(checkpoint_dir):
+        print(f"note: {path.name} was made from an older lit_model.pth; {again}", file=sys.stderr)
+        return None
+    if mode == "int4" and layout != cpu_int4_layout_id():
+        print(f"note: {path.name} was packed by another torch or CPU build; {again}", file=sys.stderr)
+        return None
+    wanted = None if dtype is None else str(dtype).removeprefix("torch.")
+    if wanted is not None and wanted != made_in:
+        print(f"note: {path.name} holds {made_in} scales, not {wanted}; quantizing at load", file=sys.stderr)
+        return None
+    return path
+
+
+def _load_saved_quantized(path: Path, config: Config, mode: str, group_size: int) -> GPT:
+    """Assign the saved tensors, memory-mapped, to an empty quantized model (checked name by name
+    against its shapes and dtypes)."""
+    from lit_gpt.quantize import make_empty_quantized
+
+    fix = f"delete it or save it again with `python scripts/quantize.py --checkpoint_dir {path.parent}`"
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is truncated or corrupt ({first_line(e)}); {fix}")
+    dtype = saved["transformer.wte.weight"].dtype if "transformer.wte.weight" in saved else torch.float32
+    with torch.device("meta"):
+        model = GPT(config).to(dtype)
+    make_empty_quantized(model, mode, group_size, dtype, torch.device("cpu"))
+    for prefix, module in _pieces(model):
+        for name, empty in list(_stored_tensors(module, prefix)):
+            tensor = saved.pop(name, None)
+            if tensor is None:
+                raise UserError(f"tensor {name} is missing from {path}; {fix}")
+            if tensor.shape != empty.shape or tensor.dtype != empty.dtype:
+                raise UserError(f"{name} is {tensor.dtype} {tuple(tensor.shape)} in {path} but the model needs "
+                                f"{empty.dtype} {tuple(empty.shape)}; {fix}")
+            owner_name, _, leaf = name[len(prefix) + 1:].rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+            else:
+                owner._buffers[leaf] = tensor
+    if saved:
+        raise UserError(f"unexpected tensor {next(iter(saved))} in {path}; {fix}")
+    model.reset_rope_cache(torch.device("cpu"))
     return model.eval()
 
 
@@ -457,12 +599,12 @@ def parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
     return choices[dtype]
 
 
-def _progress(items, total: int, desc: str, enabled: bool):
+def _progress(items, total: int, desc: str, enabled: bool, unit: str = "tensor"):
     if not enabled:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, total=total, desc=desc, unit="tensor", file=sys.stderr)
+    return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr)
 
 
 class IncrementalTensorWriter:

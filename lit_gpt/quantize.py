@@ -21,8 +21,9 @@ torchao wraps these same aten kernels on CPU, so nothing here needs it.
 Checkpoints: `state_dict()` of a quantized layer holds a portable form (int8: q and scales; int4:
 q as two nibbles per byte, high nibble first, plus tinygemm's scales_and_zeros), converted to the
 kernel's layout on `load_state_dict()`, so a checkpoint saved on one device loads on another.
-To load one, build the float model on the device it will run on (its float values do not matter),
-call `quantize_model` with the same mode and group size, then `load_state_dict`.
+To load one, build the model (on the meta device will do), call `make_empty_quantized` with the same
+mode and group size, then `load_state_dict` (lit_gpt.checkpoint.save_quantized / load_model do this
+for a whole checkpoint).
 """
 
 from functools import lru_cache
@@ -84,6 +85,19 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, q)
         del linear, q  # nothing references the float layer any more: its weight is freed here
+
+
+def make_empty_quantized(model: nn.Module, mode: str, group_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every `nn.Linear` in `model` (in place; e.g. a model built on the meta device) by an empty
+    quantized layer of the same shape on `device`, for `load_state_dict` of a saved quantized model."""
+    for name, m in [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        bias = m.bias is not None
+        if mode == "int8":
+            q = Int8Linear(m.in_features, m.out_features, bias=bias, dtype=dtype, device=device)
+        else:
+            q = Int4Linear(m.in_features, m.out_features, bias=bias, group_size=group_size, dtype=dtype, device=device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, q)
 
 
 def _row_chunks(n_rows: int, n_cols: int, elements: Optional[int] = None) -> List[slice]:
@@ -214,6 +228,14 @@ def _cpu_int4_layout_is_gemvs() -> bool:
     return torch.equal(_int4_slots(rows, cols, torch.device("cpu")).long(), expected)
 
 
+def cpu_int4_layout_id() -> str:
+    """A fingerprint of how this torch packs int4 for the CPU (it differs between CPU builds): a saved
+    packed weight is only read back where the fingerprint is the same."""
+    import hashlib
+
+    return hashlib.sha256(_int4_slots(128, 64, torch.device("cpu")).numpy().tobytes()).hexdigest()[:16]
+
+
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     """All 4-bit values of a packed tensor, in storage order (low nibble of each byte first)."""
     b = packed.contiguous().view(torch.uint8).view(-1)
@@ -283,8 +305,17 @@ class Int4Linear(nn.Module):
         q.bias = _bias_buffer(linear)
         return q
 
-    def _pack(self, q: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_pack_int4(q[rows].contiguous(), q.device.type) for rows in _row_chunks(*q.shape)])
+    def _pack_nibbles(self, nibbles: torch.Tensor) -> torch.Tensor:
+        """The portable form (out_features, in_features / 2), high nibble first, packed for this layer's
+        device, a chunk of rows at a time (the padding rows hold q = 8, i.e. W = zero = 0)."""
+        device, K = self.weight.device, self.in_features
+        packed = []
+        for rows in _row_chunks(self.padded_out, K):
+            q = torch.full((rows.stop - rows.start, K), 8, dtype=torch.int32, device=device)
+            real = nibbles[rows.start : min(rows.stop, self.out_features)].to(device)
+            q[: real.shape[0]] = torch.stack((real >> 4, real & 15), dim=-1).view(real.shape[0], K)
+            packed.append(_pack_int4(q, device.type))
+        return torch.cat(packed) if len(packed) > 1 else packed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv_layout and gemv.takes(x, self.weight, torch.uint8, self.in_features, self.scales_and_zeros,
@@ -351,12 +382,8 @@ class Int4Linear(nn.Module):
                     f"{key_sz}: shape {tuple(sz.shape)} does not match group size {self.group_size}"
                     " (quantize the model with the checkpoint's group size before loading it)"
                 )
-            nibbles = nibbles.to(self.weight.device)
-            q = torch.full((self.padded_out, self.in_features), 8, dtype=torch.int32, device=self.weight.device)
-            q[: self.out_features, ::2] = (nibbles >> 4).int()
-            q[: self.out_features, 1::2] = (nibbles & 15).int()
             state_dict = dict(state_dict)  # do not change the caller's dict
-            state_dict[key_w] = self._pack(q)
+            state_dict[key_w] = self._pack_nibbles(nibbles)
             padded = torch.zeros_like(self.scales_and_zeros)
             padded[:, : self.out_features] = sz.to(padded.device, padded.dtype)
             state_dict[key_sz] = padded
