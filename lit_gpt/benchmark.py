@@ -93,8 +93,10 @@ def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bo
     dtype = torch.float32 if mode == "fp32" else torch.bfloat16
     start_rss = rss()  # the interpreter, torch and our modules, before any weight
     t0 = time.perf_counter()
+    # quantized at load, whether or not scripts/quantize.py saved a quantized model there: the load times
+    # stay comparable between checkpoints and runs
     model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=None if mode in ("bf16", "fp32") else mode,
-                       group_size=group_size)
+                       group_size=group_size, use_saved=False)
     load_s = time.perf_counter() - t0
     ids = Tokenizer(checkpoint_dir).encode(PROMPT, device=device)
     total = len(ids) + max_new_tokens

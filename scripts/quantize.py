@@ -18,9 +18,9 @@ def main(checkpoint_dir: Path, quantize: str = "int4", group_size: int = 32, pre
     """Quantize lit_model.pth (weight-only int8 or int4) and save the model beside it.
 
     Writes lit_model.int8.pth or lit_model.int4-g<group_size>.pth and a .json that says what it was made
-    from. `--quantize` with the same mode, group size and precision in generate/base.py, chat/base.py and
-    scripts/benchmark.py then loads it on the CPU instead of quantizing at load (phi-2 int4: ~2 s instead
-    of ~12 s), as long as lit_model.pth is unchanged. int4 is saved in this torch's packed CPU layout:
+    from. `--quantize` with the same mode, group size and precision in generate/base.py and chat/base.py
+    then loads it on the CPU instead of quantizing at load (phi-2 int4: ~2 s instead of ~12 s), as long as
+    lit_model.pth is unchanged. int4 is saved in this torch's packed CPU layout:
     under another torch or CPU build they quantize at load again, with a note.
 
     Args:
