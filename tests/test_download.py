@@ -123,9 +123,16 @@ def files_in(d: Path) -> set[str]:
 
 
 def partials(d: Path) -> dict[str, int]:
+    """Sizes of the partial files, by name. While a download runs, a small file can finish (and be
+    renamed away) between the listing and its stat: it is then simply not partial any more."""
     part = d / ".cache" / "lit_gpt" / "partial"
-    found = part.glob("*.incomplete") if part.is_dir() else []
-    return {p.name.split(".safetensors")[0]: p.stat().st_size for p in found}
+    sizes = {}
+    for p in part.glob("*.incomplete") if part.is_dir() else []:
+        try:
+            sizes[p.name.split(".safetensors")[0]] = p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return sizes
 
 
 def size(hub, repo_dir: str, name: str) -> int:
