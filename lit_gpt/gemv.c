@@ -164,8 +164,14 @@ static void fixed_x_free(fixed_x *f) {
 // hundred KB) could not be allocated; the caller raises MemoryError.
 #define OUT_OF_MEMORY (-1)
 
-static void fill_nan(uint16_t *y, int64_t n) {  // for an infinite or NaN input (a float product gives NaN or inf)
+// The fixed-point copy of x for a product with n outputs: 1 when it is ready (free it after use); 0 when x
+// holds an infinity or NaN, and y (n outputs) is all NaN, as a float product would give; OUT_OF_MEMORY.
+static int fixed_x_ready(fixed_x *f, const uint16_t *x, int64_t K, int64_t block, uint16_t *y, int64_t n) {
+    if (!fixed_x_make(f, x, K, block)) return OUT_OF_MEMORY;
+    if (f->finite) return 1;
+    fixed_x_free(f);
     for (int64_t i = 0; i < n; i++) y[i] = 0x7FC0;
+    return 0;
 }
 
 // ---- int8 weights with one scale per row: y[n] = scale[n] * sum_k q[n, k] x[k] + bias[n] -------------
@@ -205,12 +211,8 @@ static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, cons
 int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
               int64_t N, int64_t K) {
     fixed_x f;
-    if (!fixed_x_make(&f, x, K, INT8_BLOCK)) return OUT_OF_MEMORY;
-    if (!f.finite) {
-        fixed_x_free(&f);
-        fill_nan(y, N);
-        return 0;
-    }
+    int ready = fixed_x_ready(&f, x, K, INT8_BLOCK, y, N);
+    if (ready != 1) return ready;
     float offset = 0.0f;
     for (int64_t b = 0; b * INT8_BLOCK < K; b++) offset += 128.0f * f.sum[b];
     int R = 3 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 1 + 2 bytes per column
@@ -289,12 +291,8 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const fi
 int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_zeros, const uint16_t *bias,
               uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group) {
     fixed_x f;
-    if (!fixed_x_make(&f, x, K, group)) return OUT_OF_MEMORY;
-    if (!f.finite) {
-        fixed_x_free(&f);
-        fill_nan(y, n_out);
-        return 0;
-    }
+    int ready = fixed_x_ready(&f, x, K, group, y, n_out);
+    if (ready != 1) return ready;
     int64_t blocks = N / INT4_BLOCK;
 #pragma omp parallel for schedule(dynamic, chunk_of(INT4_BLOCK * K / 2))
     for (int64_t b = 0; b < blocks; b++) {
@@ -419,27 +417,16 @@ int attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint1
                   int64_t B, int64_t n_head, int64_t n_groups, int64_t S, int64_t pos, int64_t hs, int64_t n_elem,
                   float scale) {
     int64_t q_per_kv = n_head / n_groups, stride = (q_per_kv + 2) * hs;
+    uint16_t *q = malloc(B * n_head * hs * sizeof(uint16_t));  // the rotated queries, (B, n_head, hs)
+    if (!q) return OUT_OF_MEMORY;
     for (int64_t bg = 0; bg < B * n_groups; bg++) {
         const uint16_t *group = qkv + bg * stride;
+        for (int64_t h = 0; h < q_per_kv; h++)
+            rope_bf16(group + h * hs, cos, sin, q + (bg * q_per_kv + h) * hs, hs, n_elem);
         rope_bf16(group + q_per_kv * hs, cos, sin, k + (bg * S + pos) * hs, hs, n_elem);
         memcpy(v + (bg * S + pos) * hs, group + (q_per_kv + 1) * hs, hs * sizeof(uint16_t));
     }
-    int failed = 0;
-#pragma omp parallel
-    {
-        float *s = malloc((pos + 1 + 16) * sizeof(float));
-        if (!s) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * n_head; bh++) {
-            int64_t bg = bh / q_per_kv;
-            uint16_t q[MAX_HEAD_SIZE];
-            rope_bf16(qkv + bg * stride + (bh % q_per_kv) * hs, cos, sin, q, hs, n_elem);
-            if (s) attend_head(q, k + bg * S * hs, v + bg * S * hs, y + bh * hs, pos + 1, hs, scale, s);
-        }
-        free(s);
-    }
-    return failed ? OUT_OF_MEMORY : 0;
+    int status = attend_one(q, k, v, y, B, n_head, n_groups, S, pos + 1, hs, scale);
+    free(q);
+    return status;
 }
