@@ -438,16 +438,13 @@ def save_quantized(checkpoint_dir: Path, mode: str, group_size: int = 32, dtype:
     between CPU builds, so the file is for this machine's torch: a portable quantized state dict is
     `model.state_dict()`); scales, biases, embedding and norms in `dtype` (default: as in lit_model.pth).
     """
-    from lit_gpt.quantize import INT4_GROUP_SIZES, MODES, cpu_int4_layout_id
+    from lit_gpt.quantize import MODES, check_int4_group_size, cpu_int4_layout_id
 
     checkpoint_dir = Path(checkpoint_dir)
-    if mode not in MODES:
+    if mode not in MODES:  # (load_model would also take the bitsandbytes modes)
         raise UserError(f"unknown quantization {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
-        raise UserError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
-    if not (checkpoint_dir / "lit_config.json").is_file():
-        raise UserError(f"{checkpoint_dir / 'lit_config.json'} is missing; convert the checkpoint first with "
-                        f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {checkpoint_dir}`")
+    if mode == "int4":
+        check_int4_group_size(group_size)  # before loading anything
     stamp = _source_stamp(checkpoint_dir) if (checkpoint_dir / "lit_model.pth").is_file() else None
     model = load_model(checkpoint_dir, "cpu", dtype, quantize=mode, group_size=group_size, use_saved=False,
                        progress=progress)

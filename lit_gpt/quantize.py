@@ -51,6 +51,12 @@ _CHUNK_ELEMENTS = 1 << 20
 _UNPACK_CHUNK_ELEMENTS = 1 << 20
 
 
+def check_int4_group_size(group_size: int) -> None:
+    """A UserError unless both int4 kernels (CPU, tinygemm) take this group size."""
+    if group_size not in INT4_GROUP_SIZES:
+        raise UserError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+
+
 def quantize_model(
     model: nn.Module, mode: str, group_size: int = 32, exclude: Sequence[str] = ()
 ) -> None:
@@ -67,8 +73,8 @@ def quantize_model(
         raise UserError("quantize_model replaces the Linear layers inside a model: wrap a bare Linear in a module")
     if mode not in MODES:
         raise UserError(f"unknown quantization mode {mode!r}: choose one of {', '.join(MODES)}")
-    if mode == "int4" and group_size not in INT4_GROUP_SIZES:
-        raise UserError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if mode == "int4":
+        check_int4_group_size(group_size)
     # check every layer before touching any, so a bad shape leaves the model as it was
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in exclude]
     if mode == "int4":
@@ -261,8 +267,7 @@ class Int4Linear(nn.Module):
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        if group_size not in INT4_GROUP_SIZES:
-            raise UserError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        check_int4_group_size(group_size)
         if in_features % group_size:
             raise UserError(f"int4 group size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
