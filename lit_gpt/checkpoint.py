@@ -257,25 +257,17 @@ def convert_hf_checkpoint(
 
 def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
     """Write a transformers-loadable directory (config.json, model.safetensors, tokenizer files)."""
-    from safetensors.torch import save_file
-
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     config = Config.from_json(checkpoint_dir / "lit_config.json")
     state_dict = load_lit_state_dict(checkpoint_dir, config)
+    bos_id = eos_id = 50256  # Phi's <|endoftext|>, unless the checkpoint's tokenizer says otherwise
+    if (checkpoint_dir / "tokenizer.json").is_file():
+        from lit_gpt.tokenizer import Tokenizer
 
-    hf_state_dict = {}
-    for lit_name, targets in name_map(config, "phi").items():
-        tensor = state_dict[lit_name]
-        parts = lit_to_qkv(tensor, config) if len(targets) == 3 else (tensor,)
-        for target, part in zip(targets, parts):
-            hf_state_dict[target] = part.contiguous()
-
+        tokenizer = Tokenizer(checkpoint_dir)
+        bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
     output_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output_dir / "model.safetensors") as tmp:
-        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
-    dtype = next(iter(state_dict.values())).dtype
-    with atomic_path(output_dir / "config.json") as tmp:
-        tmp.write_text(json.dumps(hf_config_dict(config, dtype), indent=2))
+    save_hf_checkpoint(state_dict, config, output_dir, bos_id, eos_id)
     for name in ("generation_config.json", *TOKENIZER_FILES):
         if (checkpoint_dir / name).is_file():
             with atomic_path(output_dir / name) as tmp:
@@ -283,7 +275,26 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
     return output_dir
 
 
-def hf_config_dict(config: Config, dtype: torch.dtype) -> dict:
+def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, output_dir: Path,
+                       bos_id: Optional[int] = 50256, eos_id: Optional[int] = 50256) -> None:
+    """model.safetensors and config.json of a lit state dict, in transformers' current Phi format."""
+    from safetensors.torch import save_file
+
+    hf_state_dict = {}
+    for lit_name, targets in name_map(config, "phi").items():
+        tensor = state_dict[lit_name]
+        parts = lit_to_qkv(tensor, config) if len(targets) == 3 else (tensor,)
+        for target, part in zip(targets, parts):
+            hf_state_dict[target] = part.contiguous()
+    with atomic_path(Path(output_dir) / "model.safetensors") as tmp:
+        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
+    dtype = next(iter(state_dict.values())).dtype
+    with atomic_path(Path(output_dir) / "config.json") as tmp:
+        tmp.write_text(json.dumps(hf_config_dict(config, dtype, bos_id, eos_id), indent=2))
+
+
+def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 50256,
+                   eos_id: Optional[int] = 50256) -> dict:
     """config.json for transformers' PhiForCausalLM (the current format)."""
     return {
         "architectures": ["PhiForCausalLM"],
@@ -301,8 +312,8 @@ def hf_config_dict(config: Config, dtype: torch.dtype) -> dict:
         "hidden_act": "gelu_new",
         "qk_layernorm": False,
         "tie_word_embeddings": False,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 

@@ -76,7 +76,7 @@ class Config:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def from_hf_config(cls, path: Path) -> "Config":
+    def from_hf_config(cls, path: Path, **overrides: Any) -> "Config":
         """Derive a config from a Hugging Face config.json of any Phi checkpoint.
 
         Covers the three formats the Hub has held: transformers' "phi", the remote-code "phi-msft"
@@ -130,7 +130,7 @@ class Config:
             raise UserError(f"{path}: activation {activation!r} is not supported (Phi uses gelu_new)")
         name = hf.get("_name_or_path") or path.parent.name
         kw["vocab_size"] = min(50295, kw["padded_vocab_size"])
-        return cls(name=Path(name).name, **kw)
+        return cls(**{"name": Path(name).name, **kw, **overrides})
 
 
 def _has_field_type(name: str, value: Any) -> bool:
