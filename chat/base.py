@@ -7,7 +7,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_gpt.checkpoint import load_model
+from lit_gpt.checkpoint import convert_if_needed, load_model
 from lit_gpt.generate import ChatSession, check_sampling, choose_device, compile_decode, make_generator, unescape
 from lit_gpt.prompts import style_for_checkpoint
 from lit_gpt.tokenizer import Tokenizer
@@ -38,7 +38,8 @@ def main(
     stays in the conversation); /reset starts a new conversation.
 
     Args:
-        checkpoint_dir: A converted checkpoint (lit_config.json, lit_model.pth and tokenizer files).
+        checkpoint_dir: A converted checkpoint (lit_config.json, lit_model.pth and tokenizer files), or
+            one with Hugging Face weights only, which is converted first.
         max_new_tokens: Most tokens per reply (also bounded by the room left in the context).
         top_k: Sample only from the k most likely tokens (null: all).
         top_p: Sample only from the most likely tokens that make up this much probability (1: off).
@@ -59,6 +60,7 @@ def main(
     check_sampling(temperature, top_k, top_p)
     style = style_for_checkpoint(checkpoint_dir, prompt_style)
     device, precision, dtype = choose_device(precision)
+    convert_if_needed(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=quantize, group_size=group_size)

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from lit_gpt.checkpoint import load_model
+from lit_gpt.checkpoint import convert_if_needed, load_model
 from lit_gpt.config import Config
 from lit_gpt.generate import (
     check_context, check_sampling, choose_device, compile_decode, decode_step_bytes, generate, make_generator, peak_memory,
@@ -45,7 +45,8 @@ def main(
     Args:
         prompt: The text to continue. Escapes \\n, \\t and \\\\ are turned into a newline, a tab and a
             backslash (a shell passes "...\\nBob:" through as backslash + n); see --escapes.
-        checkpoint_dir: A converted checkpoint (lit_config.json, lit_model.pth and tokenizer files).
+        checkpoint_dir: A converted checkpoint (lit_config.json, lit_model.pth and tokenizer files), or
+            one with Hugging Face weights only, which is converted first.
         num_samples: Continuations to generate, together as one batch.
         max_new_tokens: Most tokens to generate per sample; prompt + new tokens must fit the model's context.
         top_k: Sample only from the k most likely tokens (null: all).
@@ -71,6 +72,7 @@ def main(
     style = get_style(prompt_style)
     text = style.apply(unescape(prompt) if escapes else prompt)
     device, precision, dtype = choose_device(precision)
+    convert_if_needed(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     ids = tokenizer.encode(text, device=device)
     max_returned_tokens = len(ids) + max_new_tokens

@@ -255,6 +255,22 @@ def convert_hf_checkpoint(
     return out
 
 
+def convert_if_needed(checkpoint_dir: Path) -> None:
+    """Convert a directory that holds Hugging Face weights but no lit_model.pth (as litgpt does after a
+    download), saying so in one line on stderr; anything else is left for loading to judge."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir() or (checkpoint_dir / "lit_model.pth").is_file():
+        return
+    if not (checkpoint_dir / "config.json").is_file():
+        return
+    try:
+        find_weight_files(checkpoint_dir)
+    except UserError:
+        return
+    print(f"{checkpoint_dir} holds Hugging Face weights but no lit_model.pth; converting it first", file=sys.stderr)
+    convert_hf_checkpoint(checkpoint_dir, progress=False)
+
+
 def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
     """Write a transformers-loadable directory (config.json, model.safetensors, tokenizer files)."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)

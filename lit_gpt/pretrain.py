@@ -1,8 +1,9 @@
 """Pretraining a Phi-architecture model from scratch on Lightning Fabric (one device, DDP or FSDP, any node count).
 
 What a run does, in order (pretrain/base.py is the command line over it):
-1. `prepare_data`: select the files, split train/validation by file, train a tokenizer (or take one), and
-   tokenize each split once into a memory-mapped token file (rank 0; the others wait and map the files).
+1. `select_corpus`, `prepare_tokenizer`, `prepare_tokens`: select the files, split train/validation by file,
+   train a tokenizer (or take one), and tokenize each split once into a memory-mapped token file (rank 0;
+   the others wait and map the files). `check_resume` runs before the tokens are made.
 2. `build_model`: the GPT of `config` with GPT-2-style initialisation, set up by Fabric with AdamW.
 3. `fit`: warmup + cosine learning rate, gradient accumulation and clipping, validation every N steps, a
    progress line, Fabric's CSV logger, a checkpoint every N steps and when stopped (Ctrl-C or SIGTERM).
@@ -94,46 +95,57 @@ def make_fabric(devices: int, num_nodes: int, strategy: Strategy, precision: Pre
     logger = CSVLogger(root_dir=str(out_dir), name="logs", flush_logs_every_n_steps=1)
     fabric = L.Fabric(devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision, loggers=logger)
     fabric.launch()
-    if fabric.device.type == "cpu":  # processes on one machine share its cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, fabric.world_size // num_nodes)))
+    local_processes = fabric.world_size // num_nodes
+    if fabric.device.type == "cpu" and local_processes > 1:  # processes on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_processes))
     return fabric
 
 
-def prepare_data(fabric, data_dir: Path, out_dir: Path, extensions: list[str], exclude: list[str],
-                 val_fraction: float, tokenizer_dir: Optional[Path], vocab_size: int, block_size: int) -> TrainingData:
-    """Select, split, train a tokenizer if none is given, tokenize once (rank 0), and map the token files."""
+def select_corpus(data_dir: Path, extensions: list[str], exclude: list[str], val_fraction: float) -> data.Corpus:
     files = data.select_files(data_dir, extensions, exclude)
     train_files, val_files = data.split_files(files, val_fraction)
-    own_tokenizer = tokenizer_dir is None
-    tokenizer_dir = out_dir / "tokenizer" if own_tokenizer else Path(tokenizer_dir)
-    if fabric.global_rank == 0:
-        if own_tokenizer and not (tokenizer_dir / "tokenizer.json").is_file():
-            fabric.print(f"Training a {vocab_size}-token byte-level BPE on {len(train_files)} files ...")
-            data.train_tokenizer(data_dir, train_files, vocab_size, tokenizer_dir)
-        elif not (tokenizer_dir / "tokenizer.json").is_file():
-            raise UserError(f"{tokenizer_dir} has no tokenizer.json")
-        for name, names in (("train", train_files), ("val", val_files)):
-            data.tokenize_split(data_dir, names, tokenizer_dir, out_dir / "data" / f"{name}.bin")
+    return data.Corpus(Path(data_dir), train_files, val_files)
+
+
+def prepare_tokenizer(fabric, corpus: data.Corpus, out_dir: Path, tokenizer_dir: Optional[Path],
+                      vocab_size: int) -> Path:
+    """The given tokenizer, or one trained on the training files into out_dir/tokenizer (once, by rank 0)."""
+    if tokenizer_dir is not None:
+        if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            raise UserError(f"--tokenizer_dir {tokenizer_dir} has no tokenizer.json")
+        return Path(tokenizer_dir)
+    tokenizer_dir = out_dir / "tokenizer"
+    if fabric.global_rank == 0 and not (tokenizer_dir / "tokenizer.json").is_file():
+        fabric.print(f"Training a {vocab_size}-token byte-level BPE on {len(corpus.train)} files ...")
+        data.train_tokenizer(corpus.root, corpus.train, vocab_size, tokenizer_dir)
     fabric.barrier()
-    train, skipped_train = data.tokenize_split(data_dir, train_files, tokenizer_dir, out_dir / "data" / "train.bin")
-    val, skipped_val = data.tokenize_split(data_dir, val_files, tokenizer_dir, out_dir / "data" / "val.bin")
-    for split, tokens in (("training", train), ("validation", val)):
-        if len(tokens) <= block_size:
-            raise UserError(f"the {split} split holds {len(tokens)} tokens, fewer than one window of block_size + 1 "
-                            f"= {block_size + 1}; add files or lower the block size")
-    corpus = data.Corpus(Path(data_dir), train_files, val_files)
+    return tokenizer_dir
+
+
+def prepare_tokens(fabric, corpus: data.Corpus, tokenizer_dir: Path, out_dir: Path, block_size: int) -> TrainingData:
+    """Each split tokenized once into out_dir/data (rank 0; the others wait), memory-mapped."""
+    paths = {split: out_dir / "data" / f"{split}.bin" for split in ("train", "val")}
+    names = {"train": corpus.train, "val": corpus.val}
+    if fabric.global_rank == 0:
+        for split in paths:
+            data.tokenize_split(corpus.root, names[split], tokenizer_dir, paths[split])
+    fabric.barrier()
+    tokens, skipped = {}, {}
+    for split in paths:
+        tokens[split], skipped[split] = data.tokenize_split(corpus.root, names[split], tokenizer_dir, paths[split])
+    for split, what in (("train", "training"), ("val", "validation")):
+        if len(tokens[split]) <= block_size:
+            raise UserError(f"the {what} split holds {len(tokens[split])} tokens, fewer than one window of "
+                            f"block_size + 1 = {block_size + 1}; add files or lower the block size")
     record = {
-        "data_dir": str(Path(data_dir).resolve()), "extensions": list(extensions), "exclude": list(exclude),
-        "val_fraction": val_fraction, "files": {"train": len(train_files), "val": len(val_files)},
-        "skipped": {"train": skipped_train, "val": skipped_val},
-        "tokens": {"train": int(len(train)), "val": int(len(val))},
+        "data_dir": str(corpus.root.resolve()), "files": {"train": len(corpus.train), "val": len(corpus.val)},
+        "skipped": skipped, "tokens": {split: int(len(t)) for split, t in tokens.items()},
         "file_list_sha256": corpus.fingerprint(), "tokenizer_sha256": data.tokenizer_fingerprint(tokenizer_dir),
-        "val_files": val_files,
+        "val_files": corpus.val,
     }
-    skipped = skipped_train + skipped_val
-    fabric.print(f"Data: {len(files)} files ({skipped} skipped as binary or not UTF-8), "
-                 f"{len(train):,} training and {len(val):,} validation tokens")
-    return TrainingData(tokenizer_dir, train, val, record)
+    fabric.print(f"Data: {len(corpus.train) + len(corpus.val)} files ({sum(skipped.values())} skipped as binary or "
+                 f"not UTF-8), {len(tokens['train']):,} training and {len(tokens['val']):,} validation tokens")
+    return TrainingData(tokenizer_dir, tokens["train"], tokens["val"], record)
 
 
 def init_weights(model: GPT) -> None:
@@ -280,19 +292,21 @@ def _os_reason(e: Optional[BaseException]) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def check_resume(saved: dict, config: Config, tokenizer_sha: str, hp: Hyperparameters, path: Path) -> None:
-    """The run being resumed must have the same model, tokenizer and batch layout as the checkpoint."""
-    ours, theirs = asdict(config), saved["config"]
+def check_resume(path: Path, config: Config, tokenizer_dir: Path) -> None:
+    """The run being resumed must have the model and tokenizer of the checkpoint (training longer, with
+    another --max_steps, is fine)."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        theirs, their_tokenizer = saved["config"], saved["tokenizer_sha256"]
+    except Exception as e:
+        raise UserError(f"cannot read the checkpoint {path} ({_os_reason(e)}); resume from another one")
+    ours = asdict(config)
     for key in ours:
         if ours[key] != theirs.get(key):
             raise UserError(f"{path} was trained with {key}={theirs.get(key)!r}, not {ours[key]!r}; resume with the "
                             "same model options as the run that wrote it")
-    if saved["tokenizer_sha256"] != tokenizer_sha:
+    if their_tokenizer != data.tokenizer_fingerprint(tokenizer_dir):
         raise UserError(f"{path} was trained with another tokenizer; resume with the same tokenizer")
-    for key in ("global_batch_size", "max_steps", "seed"):
-        if saved["hyperparameters"][key] != getattr(hp, key):
-            raise UserError(f"{path} was trained with {key}={saved['hyperparameters'][key]}, not {getattr(hp, key)}; "
-                            "resume with the same options")
 
 
 def _eta(seconds: float) -> str:
@@ -309,10 +323,7 @@ def fit(fabric, model, optimizer, tdata: TrainingData, hp: Hyperparameters, out_
     state = {"model": model, "optimizer": optimizer, "step": 0, "tokens": 0, "seconds": 0.0,
              "config": asdict(config), "hyperparameters": asdict(hp),
              "tokenizer_sha256": tdata.record["tokenizer_sha256"]}
-    if resume is not None:
-        saved = torch.load(resume, map_location="cpu", weights_only=True, mmap=True)
-        check_resume(saved, config, state["tokenizer_sha256"], hp, resume)
-        del saved
+    if resume is not None:  # (checked by check_resume)
         fabric.load(resume, state)
         fabric.print(f"Resuming from {resume} at step {state['step']}")
     elif hp.eval_interval:

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt.config import Config
 from lit_gpt.pretrain import (
-    ExportDtype, Hyperparameters, Precision, Strategy, build_model, export, fit, latest_checkpoint, make_fabric,
-    prepare_data,
+    ExportDtype, Hyperparameters, Precision, Strategy, build_model, check_resume, export, fit, latest_checkpoint,
+    make_fabric, prepare_tokenizer, prepare_tokens, select_corpus,
 )
 from lit_gpt.utils import UserError, atomic_path, run_cli
 
@@ -147,10 +147,13 @@ def main(
         raise UserError(f"{out_dir} holds checkpoints of an earlier run; continue it with --resume True or choose "
                         "another --out_dir")
 
+    corpus = select_corpus(data_dir, extensions, exclude, val_fraction)
     fabric = make_fabric(devices, num_nodes, strategy, precision, out_dir)
-    tdata = prepare_data(fabric, data_dir, out_dir, extensions, exclude, val_fraction, tokenizer_dir, vocab_size,
-                         config.block_size)
-    config = _with_vocab(config, tdata.tokenizer_dir)
+    tokenizer_dir = prepare_tokenizer(fabric, corpus, out_dir, tokenizer_dir, vocab_size)
+    config = _with_vocab(config, tokenizer_dir)
+    if resume_from is not None:
+        check_resume(resume_from, config, tokenizer_dir)
+    tdata = prepare_tokens(fabric, corpus, tokenizer_dir, out_dir, config.block_size)
     n_params = _count_params(config)
     fabric.print(f"Model: {n_params / 1e6:.2f}M parameters ({config.n_layer} layers, {config.n_embd} wide, "
                  f"{config.n_head} heads, context {config.block_size}, vocabulary {config.padded_vocab_size}); "
@@ -162,7 +165,7 @@ def main(
         final = export(latest_checkpoint(out_dir), tdata.tokenizer_dir, out_dir / "final", export_dtype)
         record = {
             "python": platform.python_version(), "command": sys.argv, "parameters": n_params,
-            "data": tdata.record, "hyperparameters": asdict(hp), "precision": precision,
+            "data": {"extensions": extensions, "exclude": exclude, "val_fraction": val_fraction, **tdata.record}, "hyperparameters": asdict(hp), "precision": precision,
             "world_size": fabric.world_size, "steps": state["step"], "tokens_seen": state["tokens"],
             "training_seconds": round(state["seconds"], 1), "final_loss": state.get("loss"),
             "final_val_loss": state.get("val_loss"),
