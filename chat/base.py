@@ -11,7 +11,8 @@ from lit_gpt.checkpoint import convert_if_needed, load_model
 from lit_gpt.generate import ChatSession, check_sampling, choose_device, compile_decode, make_generator, unescape
 from lit_gpt.prompts import style_for_checkpoint
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import UserError, run_cli
+from lit_gpt.cli import run_cli
+from lit_gpt.utils import UserError
 
 RESET = "/reset"
 

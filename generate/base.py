@@ -17,7 +17,8 @@ from lit_gpt.generate import (
 )
 from lit_gpt.prompts import get_style
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import UserError, run_cli
+from lit_gpt.cli import run_cli
+from lit_gpt.utils import UserError
 
 
 def main(

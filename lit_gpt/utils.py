@@ -1,44 +1,47 @@
 """Small helpers shared by the library and the command-line scripts."""
 
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad path, bad option, corrupt file). Scripts print it as one line."""
+    """A problem the user can fix (bad path, bad value, corrupt file). Scripts print it as one line.
+
+    The library says what is wrong and what would fix it; the scripts (lit_gpt/cli.py) add the flag or the
+    command that does it, through the subclasses below.
+    """
+
+
+class InvalidArgument(UserError):
+    """A bad value of a parameter. The command line names it by its flag: `--{name} {problem}`."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.name, self.problem = name, problem
+
+
+class NotConverted(UserError):
+    """A checkpoint directory without our files (lit_model.pth, lit_config.json): it needs converting."""
+
+    def __init__(self, message: str, checkpoint_dir: Path) -> None:
+        super().__init__(message)
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+
+class NotDownloaded(UserError):
+    """A checkpoint directory without files that come from the Hub (weights, tokenizer): it needs downloading."""
+
+    def __init__(self, message: str, checkpoint_dir: Path, tokenizer_only: bool = False) -> None:
+        super().__init__(message)
+        self.checkpoint_dir, self.tokenizer_only = Path(checkpoint_dir), tokenizer_only
 
 
 def first_line(e: Exception, limit: int = 160) -> str:
     """The gist of a library's error message, to fit in our one-line errors."""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def run_cli(fn: Callable) -> None:
-    """Run `fn` as a jsonargparse command line; user errors become one line on stderr and exit code 1.
-
-    Ctrl-C exits with 130 and a short notice instead of a traceback; running out of memory (host or GPU)
-    is one line too.
-    """
-    from jsonargparse import CLI
-
-    try:
-        CLI(fn, as_positional=False)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
-    except Exception as e:
-        torch = sys.modules.get("torch")  # (download does not import it)
-        if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
-            print(f"error: out of memory: {first_line(e)}", file=sys.stderr)
-            raise SystemExit(1)
-        raise
 
 
 @contextmanager

@@ -15,7 +15,8 @@ from lit_gpt.pretrain import (
     ExportDtype, Hyperparameters, Precision, Strategy, build_model, check_resume, export, fit, latest_checkpoint,
     make_fabric, prepare_tokenizer, prepare_tokens, select_corpus,
 )
-from lit_gpt.utils import UserError, atomic_path, run_cli
+from lit_gpt.cli import run_cli
+from lit_gpt.utils import UserError, atomic_path
 
 
 def main(

@@ -7,7 +7,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt.checkpoint import convert_hf_checkpoint
-from lit_gpt.utils import run_cli
+from lit_gpt.cli import run_cli
 
 
 def main(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optional[str] = None) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt.checkpoint import convert_lit_checkpoint
-from lit_gpt.utils import run_cli
+from lit_gpt.cli import run_cli
 
 
 def main(checkpoint_dir: Path, output_dir: Path) -> None:

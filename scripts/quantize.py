@@ -11,7 +11,8 @@ import torch
 
 from lit_gpt.checkpoint import save_quantized
 from lit_gpt.generate import PRECISIONS, default_precision
-from lit_gpt.utils import UserError, run_cli
+from lit_gpt.cli import run_cli
+from lit_gpt.utils import UserError
 
 
 def main(checkpoint_dir: Path, quantize: str = "int4", group_size: int = 32, precision: Optional[str] = None) -> None:
