@@ -462,11 +462,11 @@ def test_not_enough_free_space_is_found_before_the_weights(hub, tmp_path):
 
 
 def test_disk_full_during_the_download(hub, tmp_path):
-    from lit_gpt.download import RemoteFile, _partial_path
+    from lit_gpt.transfer import RemoteFile, partial_path
 
     ckpt = tmp_path / "checkpoints" / PHI2
     data = (hub.root / "phi-2" / SHARDS[1]).read_bytes()
-    partial = _partial_path(ckpt, RemoteFile(SHARDS[1], len(data), hashlib.sha256(data).hexdigest(), None))
+    partial = partial_path(ckpt, RemoteFile(SHARDS[1], len(data), hashlib.sha256(data).hexdigest(), None))
     partial.parent.mkdir(parents=True)
     partial.symlink_to("/dev/full")  # every write there fails with ENOSPC
     proc = download(hub, tmp_path, PHI2)
