@@ -66,7 +66,7 @@ def main(
 
 
 def convert_download(local_dir: Path) -> None:
-    from lit_gpt.checkpoint import convert_hf_checkpoint  # imports torch: only when asked to convert
+    from lit_gpt.convert import convert_hf_checkpoint  # imports torch: only when asked to convert
 
     try:
         out = convert_hf_checkpoint(local_dir)

@@ -141,7 +141,7 @@ def size(hub, repo_dir: str, name: str) -> int:
 
 def assert_runs_like(hf_model, checkpoint_dir: Path) -> None:
     """The converted checkpoint computes what the transformers model it came from computes."""
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.load import load_model
 
     model = load_model(checkpoint_dir)
     idx = torch.randint(0, VOCAB, (2, 11))
@@ -174,7 +174,7 @@ def test_help_documents_every_option(tmp_path):
 
 
 def test_phi2_sharded_safetensors_download_converts_and_runs(hub, tmp_path):
-    from lit_gpt.checkpoint import convert_hf_checkpoint
+    from lit_gpt.convert import convert_hf_checkpoint
 
     proc = download(hub, tmp_path, PHI2)
     assert_ok(proc)
@@ -184,7 +184,7 @@ def test_phi2_sharded_safetensors_download_converts_and_runs(hub, tmp_path):
         assert (ckpt / name).read_bytes() == (hub.root / "phi-2" / name).read_bytes()
         assert hub.bytes_served(PHI2, name) == size(hub, "phi-2", name), name
     assert not partials(ckpt)
-    convert_hf_checkpoint(ckpt, progress=False)
+    convert_hf_checkpoint(ckpt, show_progress=False)
     assert_runs_like(hub.models["phi-2"], ckpt)
 
     # a second run finds everything verified: no file is fetched again
@@ -216,7 +216,7 @@ def test_from_safetensors_picks_one_kind(hub, tmp_path, flag, weights, other):
 
 
 def test_missing_kind_falls_back_with_a_note_and_old_weights_are_replaced(hub, tmp_path):
-    from lit_gpt.checkpoint import convert_hf_checkpoint
+    from lit_gpt.convert import convert_hf_checkpoint
 
     ckpt = tmp_path / "checkpoints" / PHI15
     assert_ok(download(hub, tmp_path, PHI15))
@@ -229,13 +229,13 @@ def test_missing_kind_falls_back_with_a_note_and_old_weights_are_replaced(hub, t
     # the safetensors of main are gone, or the converter would read them instead
     assert files_in(ckpt) == CONFIGS | TOKENIZER | {"pytorch_model.bin"}
     assert hub.bytes_served(PHI15, "model.safetensors") == size(hub, "phi-1_5", "model.safetensors")
-    convert_hf_checkpoint(ckpt, progress=False)
+    convert_hf_checkpoint(ckpt, show_progress=False)
     assert_runs_like(hub.models["phi-1_5-old"], ckpt)
 
 
 @pytest.mark.parametrize("revision", ["v1.0", "sha"])
 def test_revision_pins_an_older_commit(hub, tmp_path, revision):
-    from lit_gpt.checkpoint import convert_hf_checkpoint
+    from lit_gpt.convert import convert_hf_checkpoint
 
     rev = hub.phi2_old_sha if revision == "sha" else revision
     assert_ok(download(hub, tmp_path, PHI2, "--revision", rev))
@@ -244,7 +244,7 @@ def test_revision_pins_an_older_commit(hub, tmp_path, revision):
         assert (ckpt / name).read_bytes() == (hub.root / "phi-2-old" / name).read_bytes()
     resolved = [path for _, path, _ in hub.requests if "/resolve/" in path]
     assert resolved and all(hub.phi2_old_sha in path for path in resolved)  # every file from the pinned commit
-    convert_hf_checkpoint(ckpt, progress=False)
+    convert_hf_checkpoint(ckpt, show_progress=False)
     assert_runs_like(hub.models["phi-2-old"], ckpt)
 
 
