@@ -233,6 +233,18 @@ def test_missing_kind_falls_back_with_a_note_and_old_weights_are_replaced(hub, t
     assert_runs_like(hub.models["phi-1_5-old"], ckpt)
 
 
+def test_new_weights_under_an_old_conversion_get_a_note(hub, tmp_path):
+    ckpt = tmp_path / "checkpoints" / PHI15
+    assert_ok(download(hub, tmp_path, PHI15, "--convert", "True"))
+    proc = download(hub, tmp_path, PHI15)  # nothing new: nothing to say
+    assert_ok(proc)
+    assert "converted from earlier weights" not in proc.stderr
+    proc = download(hub, tmp_path, PHI15, "--revision", hub.phi15_old_sha)
+    assert_ok(proc)
+    assert (f"note: {ckpt / 'lit_model.pth'} was converted from earlier weights; convert again with "
+            f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {ckpt}`") in proc.stderr
+
+
 @pytest.mark.parametrize("revision", ["v1.0", "sha"])
 def test_revision_pins_an_older_commit(hub, tmp_path, revision):
     from lit_gpt.convert import convert_hf_checkpoint
@@ -449,6 +461,12 @@ def test_tokenizer_only_with_from_safetensors_is_an_error(tmp_path):
     assert_one_line_error(proc, "--tokenizer_only", "--from_safetensors")
 
 
+def test_convert_with_tokenizer_only_is_an_error(tmp_path):
+    proc = download(None, tmp_path, PHI2, "--tokenizer_only", "True", "--convert", "True")
+    assert_one_line_error(proc, "--convert", "--tokenizer_only")
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_not_enough_free_space_is_found_before_the_weights(hub, tmp_path):
     argv = [str(SCRIPT), "--repo_id", PHI2, "--checkpoint_dir", str(tmp_path / "checkpoints")]
     code = ("import runpy, shutil, sys\n"
@@ -478,6 +496,19 @@ def test_disk_full_during_the_download(hub, tmp_path):
     assert_ok(download(hub, tmp_path, PHI2))
     assert (ckpt / SHARDS[1]).read_bytes() == data
     assert hub.bytes_served(PHI2, SHARDS[0]) == 0
+
+
+def test_the_download_imports_neither_torch_nor_the_converter(tmp_path):
+    """Neither the module nor the script (without --convert): torch alone takes seconds to import."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{str(SCRIPT)!r}]\n"
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"  # (puts the repo on sys.path)
+            "import lit_gpt.download\n"
+            "assert not {'torch', 'lit_gpt.checkpoint', 'lit_gpt.convert'} & set(sys.modules), sorted(sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=hub_env(None, tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert_ok(proc)
+    assert "microsoft/phi-2" in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------- the server itself
