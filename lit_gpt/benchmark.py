@@ -85,8 +85,9 @@ def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bo
     Also scores the logits over `quality_text`: bf16 stores them in `reference`, the quantized modes
     report their relative error and top-1 agreement against it.
     """
-    from lit_gpt.checkpoint import load_model
-    from lit_gpt.generate import compile_decode, decode_step_bytes, generate_tokens
+    from lit_gpt.load import load_model
+    from lit_gpt.device import decode_step_bytes
+    from lit_gpt.generate import compile_decode, generate_tokens
     from lit_gpt.tokenizer import Tokenizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -206,7 +207,7 @@ def benchmark(
     """
     checkpoint_dir = Path(checkpoint_dir)
     if make_random and not (checkpoint_dir / "lit_model.pth").is_file():
-        from lit_gpt.checkpoint import convert_hf_checkpoint
+        from lit_gpt.convert import convert_hf_checkpoint
         from lit_gpt.random_checkpoint import write_random_hf_checkpoint
 
         print(f"writing a random {make_random} checkpoint to {checkpoint_dir}", file=sys.stderr)

@@ -2,19 +2,25 @@
 errors as one line that names the flag or the command that fixes them.
 
 Nothing else in lit_gpt/ knows about flags or scripts: the library raises `UserError`s that say what is wrong
-(`InvalidArgument` names a parameter, `NotConverted` / `NotDownloaded` a checkpoint that lacks files), and
+(`InvalidArgument` names a parameter, `NeedsStep` a step a checkpoint needs first), and
 `error_line` turns them into what a user types.
 """
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
-from lit_gpt.utils import InvalidArgument, NotConverted, NotDownloaded, UserError, first_line
+from lit_gpt.choices import Precision, QuantizeMode
+from lit_gpt.utils import InvalidArgument, NeedsStep, UserError, first_line
 
-CONVERT = "python scripts/convert_hf_checkpoint.py --checkpoint_dir {dir}"
-DOWNLOAD = "python scripts/download.py --repo_id {repo_id}"
+COMMANDS = {  # NeedsStep.step -> the command that does it
+    "download": "python scripts/download.py --repo_id {repo_id}",
+    "download_tokenizer": "python scripts/download.py --repo_id {repo_id} --tokenizer_only True",
+    "convert": "python scripts/convert_hf_checkpoint.py --checkpoint_dir {dir}",
+    "quantize": "python scripts/quantize.py --checkpoint_dir {dir}",
+}
 
 
 def hub_repo_id(checkpoint_dir: Path) -> str:
@@ -27,12 +33,9 @@ def error_line(e: UserError) -> str:
     """The one line a script prints for a library error (after "error: ")."""
     if isinstance(e, InvalidArgument):
         return f"--{e.name} {e.problem}"
-    if isinstance(e, NotConverted):
-        return f"{e}; convert it with `{CONVERT.format(dir=e.checkpoint_dir)}`"
-    if isinstance(e, NotDownloaded):
-        command = DOWNLOAD.format(repo_id=hub_repo_id(e.checkpoint_dir))
-        return f"{e}; get {'it' if e.tokenizer_only else 'them'} with `{command}" \
-               f"{' --tokenizer_only True' if e.tokenizer_only else ''}`"
+    if isinstance(e, NeedsStep):
+        command = COMMANDS[e.step].format(dir=e.checkpoint_dir, repo_id=hub_repo_id(e.checkpoint_dir))
+        return f"{e} with `{command}`"
     return str(e)
 
 
@@ -62,24 +65,57 @@ def run_cli(fn: Callable) -> None:
 
 
 def parse(fn: Callable, args: list[str]) -> dict:
-    """The keyword arguments of `fn` from command-line `args` (jsonargparse exits on bad ones, with usage)."""
+    """The keyword arguments of `fn` from command-line `args`; a bad value is a UserError naming the flag."""
     import inspect
 
-    from jsonargparse import ActionConfigFile, ArgumentParser
+    from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
     signature = inspect.signature(fn)
     grouped = {name: p.annotation for name, p in signature.parameters.items()
                if dataclasses.is_dataclass(p.annotation)}
-    parser = ArgumentParser(prog=Path(sys.argv[0]).name, description=_description(fn))
+    parser = ArgumentParser(prog=Path(sys.argv[0]).name, description=_description(fn), exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML or JSON file of options (flags after it win).")
     parser.add_function_arguments(fn, skip=set(grouped), as_group=False)
     for cls in grouped.values():
         parser.add_class_arguments(cls, nested_key=None, as_group=False)
-    values = parser.parse_args(args).as_dict()
+    try:
+        values = parser.parse_args(args).as_dict()
+    except ArgumentError as e:
+        raise UserError(_bad_argument(str(e), _annotations(signature, grouped)))
     values.pop("config", None)
     for name, cls in grouped.items():
         values[name] = cls(**{f.name: values.pop(f.name) for f in dataclasses.fields(cls) if f.name in values})
     return values
+
+
+def _annotations(signature, grouped: dict) -> dict:
+    types = {name: p.annotation for name, p in signature.parameters.items() if name not in grouped}
+    for cls in grouped.values():
+        types.update({f.name: f.type for f in dataclasses.fields(cls)})
+    return types
+
+
+def _bad_argument(message: str, types: dict) -> str:
+    """jsonargparse's multi-line complaint as one line that names the flag (and the choices of a Literal)."""
+    import re
+    import typing
+
+    key = re.search(r'[Kk]ey "([^"]+)"', message)
+    value = re.search(r"(?:Given|Got) value: (.*)", message)
+    if key is None:
+        return f"{first_line(Exception(message))} (see --help)"
+    name = key.group(1)
+    given = value.group(1).strip() if value else "?"
+    choices = [a for arg in typing.get_args(types.get(name)) or () for a in (typing.get_args(arg) or ())]
+    if typing.get_origin(types.get(name)) is typing.Literal:
+        choices = list(typing.get_args(types[name]))
+    if choices:
+        return f"--{name}: unknown value {given!r}; choose one of {', '.join(map(str, choices))}"
+    return f"--{name}: invalid value {given!r} (expected {_type_name(types.get(name))})"
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _description(fn: Callable) -> str:
@@ -88,3 +124,74 @@ def _description(fn: Callable) -> str:
 
     doc = parse_docstring(fn.__doc__ or "")
     return "\n\n".join(part for part in (doc.short_description, doc.long_description) if part)
+
+
+@dataclasses.dataclass
+class GenerationOptions:
+    """How generate, chat and the server load the model and sample from it.
+
+    Args:
+        top_k: Sample only from the k most likely tokens (null: all).
+        top_p: Sample only from the most likely tokens that make up this much probability (1: off).
+        temperature: Divides the logits before sampling; 0 is greedy decoding.
+        precision: 32-true, bf16-true or 16-true (default: bf16 where the GPU or CPU supports it, else 16
+            on a GPU and 32 on a CPU).
+        compile: Compile the decode step with torch.compile (slow first steps, faster after).
+        quantize: Weight-only quantization at load: int8 (per output channel) or int4 (group-wise), on CPU
+            and GPU; or the bitsandbytes modes bnb.nf4, bnb.nf4-dq, bnb.fp4, bnb.fp4-dq, bnb.int8 (CUDA only).
+        group_size: Inputs per scale for --quantize int4: 32, 64, 128 or 256 (smaller: more accurate, larger file).
+    """
+
+    top_k: Optional[int] = 200
+    top_p: float = 1.0
+    temperature: float = 0.8
+    precision: Optional[Precision] = None
+    compile: bool = False
+    quantize: Optional[QuantizeMode] = None
+    group_size: int = 32
+
+    def sampling(self) -> dict:
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def open_checkpoint(checkpoint_dir: Path, options: GenerationOptions):
+    """What generate, chat and the server do before loading the weights: choose the device and precision,
+    convert a directory that has only Hugging Face weights, and read the tokenizer and the config (so that
+    a prompt can be checked against the context first). Returns (device, precision, dtype, tokenizer, config)."""
+    from lit_gpt.config import Config
+    from lit_gpt.convert import convert_if_needed
+    from lit_gpt.device import choose_device
+    from lit_gpt.files import LIT_CONFIG
+    from lit_gpt.generate import check_sampling
+    from lit_gpt.tokenizer import Tokenizer
+
+    check_sampling(options.temperature, options.top_k, options.top_p)
+    device, precision, dtype = choose_device(options.precision)
+    convert_if_needed(checkpoint_dir)
+    tokenizer = Tokenizer(checkpoint_dir)
+    return device, precision, dtype, tokenizer, Config.from_json(Path(checkpoint_dir) / LIT_CONFIG)
+
+
+def load_for_inference(checkpoint_dir: Path, options: GenerationOptions, device, precision: str, dtype):
+    """The model, loaded (and quantized) as the options say, with one line on stderr."""
+    from lit_gpt.load import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=options.quantize,
+                       group_size=options.group_size)
+    print(f"Loaded {checkpoint_dir} on {device.type} in {precision} in {time.perf_counter() - t0:.2f} s",
+          file=sys.stderr)
+    return model
+
+
+def unescape(text: str) -> str:
+    r"""Turn the two-character escapes \n, \t and \\ into a newline, a tab and a backslash (shells pass them raw)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
+            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)

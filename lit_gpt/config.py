@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from lit_gpt.utils import UserError
+from lit_gpt.utils import NeedsStep, UserError
 
 
 # config.json's model_type of the three formats Phi checkpoints have had on the Hub
@@ -57,8 +57,7 @@ class Config:
     def from_json(cls, path: Path, **overrides: Any) -> "Config":
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"{path} is missing; convert the checkpoint first with "
-                            f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {path.parent}`")
+            raise NeedsStep(f"{path} is missing; convert the checkpoint first", "convert", path.parent)
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict):
@@ -70,7 +69,8 @@ class Config:
                     raise ValueError(f"{name}={value!r}")
             return cls(**{**kwargs, **overrides})
         except (ValueError, TypeError) as e:
-            raise UserError(f"{path} is malformed ({e}); delete it and convert the checkpoint again")
+            raise NeedsStep(f"{path} is malformed ({e}); delete it and convert the checkpoint again", "convert",
+                            path.parent)
 
     def to_json(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))

@@ -85,7 +85,7 @@ def evaluate(checkpoint_dir: Path, modes: Sequence[Mode], tokens: torch.Tensor, 
              batch_size: int = 8) -> list[dict]:
     """Score the checkpoint in each mode (int4 once per group size); quantized and fp32 rows also get their
     top-1 agreement with the bf16 row (bf16 is scored first whenever another mode is asked for)."""
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.load import load_model
 
     runs = [(m, g) for m in modes for g in (group_sizes if m == "int4" else (None,))]
     if any(m != "bf16" for m, _ in runs) and ("bf16", None) in runs:

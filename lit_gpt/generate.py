@@ -6,7 +6,7 @@ Layers, bottom up (each is usable on its own):
 - `Completion`: one sample's text as it streams, with eos and stop sequences cut and never released.
 - `stream` / `generate`: the loop plus a `Completion` per sample (several samples = one batch).
 - `ChatSession`: a conversation kept in the KV cache; each turn prefills only its own tokens.
-Plus the device/precision choice and the numbers the scripts report.
+Plus the seeded generator and the compiled decode step.
 
 Stop sequences are matched on text, not on token ids: the model can spell "Instruct:" with many different
 token splits ("Inst"+"ruct"+":", " Instruct"+":", "\\nInstruct"...), and the split the tokenizer would
@@ -14,10 +14,9 @@ produce for the stop string is only one of them, so id matching misses stops. Te
 its cost is holding back text that could still become a stop sequence (at most the longest stop's length).
 """
 
-import resource
 import sys
 import time
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -25,18 +24,18 @@ from lit_gpt import gemv
 from lit_gpt.model import GPT
 from lit_gpt.prompts import PromptStyle
 from lit_gpt.tokenizer import Tokenizer
-from lit_gpt.utils import UserError
+from lit_gpt.utils import InvalidArgument, UserError
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the (B, chunk, vocab) logits of a long prompt
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: float) -> None:
     if not temperature >= 0:  # also catches NaN
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise InvalidArgument("temperature", f"must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1 (or unset), got {top_k}")
+        raise InvalidArgument("top_k", f"must be >= 1 (or unset), got {top_k}")
     if not 0 < top_p <= 1:
-        raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+        raise InvalidArgument("top_p", f"must be in (0, 1] (1 = off), got {top_p}")
 
 
 def sample(
@@ -92,9 +91,9 @@ def check_context(block: int, prompt_len: int, max_returned_tokens: int, start_p
         raise UserError(f"the prompt is {prompt_len} tokens, longer than the model's context of {block} tokens "
                         "(which must also hold at least one new token); shorten it")
     if start_pos + max_returned_tokens > block:
-        raise UserError(f"the prompt ({prompt_len} tokens) + {start_pos + max_returned_tokens - prompt_len} new "
-                        f"tokens exceed the model's context of {block} tokens; use --max_new_tokens "
-                        f"{block - prompt_len} or less")
+        new = start_pos + max_returned_tokens - prompt_len
+        raise InvalidArgument("max_new_tokens", f"is too large: the prompt ({prompt_len} tokens) + {new} new tokens "
+                              f"exceed the model's context of {block} tokens; use {block - prompt_len} or less")
 
 
 @torch.inference_mode()
@@ -232,7 +231,7 @@ def stream(
     if prompt.dim() != 1:
         raise ValueError("stream() takes one 1-D prompt; num_samples makes the batch")
     if num_samples < 1:
-        raise UserError(f"num_samples must be >= 1, got {num_samples}")
+        raise InvalidArgument("num_samples", f"must be >= 1, got {num_samples}")
     eos_id = None if ignore_eos else tokenizer.eos_id
     completions = [Completion(tokenizer, stop_sequences, eos_id) for _ in range(num_samples)]
     batch = prompt.unsqueeze(0).expand(num_samples, -1)
@@ -291,7 +290,7 @@ class ChatSession:
     ) -> None:
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise InvalidArgument("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
         self.model, self.tokenizer, self.style = model, tokenizer, style
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                              decode_forward=decode_forward)
@@ -378,46 +377,6 @@ class ChatSession:
         self.turns.append((prompt, completion.text if completion else ""))
 
 
-# --- device, precision and the numbers the scripts report ---
-
-PRECISIONS = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU has native bf16 math (x86 AVX512-BF16/AMX, Arm BF16); without it bf16 is emulated."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def default_precision(device: torch.device) -> str:
-    """bf16 on GPUs that have it (else fp16); on CPUs bf16 where the CPU supports it natively, else fp32.
-
-    Measured for a decode step on an AMD EPYC with AVX512-BF16 (2 shared threads, torch 2.13), 4 phi-2
-    layers + LM head, fp32 and bf16 interleaved, min / median ms per step: 127/137 vs 63/72 and 141/152 vs
-    73/82 on a quiet machine; 251/309 vs 265/315 under heavy load from other processes. bf16 was never
-    more than ~5% slower, up to 2x faster (a decode step reads every weight once, and bf16 halves the
-    bytes), and it halves the memory (phi-2: 5.6 GB instead of 11). Without native support bf16 is
-    emulated and slower, hence fp32 there.
-    """
-    if device.type == "cuda":
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
-    return "bf16-true" if cpu_supports_bf16() else "32-true"
-
-
-def choose_device(precision: Optional[str] = None) -> tuple[torch.device, str, torch.dtype]:
-    """CUDA if available, else CPU; the precision given or the device's default. Returns (device, precision, dtype)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = precision or default_precision(device)
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if device.type == "cpu" and precision == "bf16-true" and not cpu_supports_bf16():
-        print("note: this CPU has no native bf16; it is emulated and slower than --precision 32-true",
-              file=sys.stderr)
-    return device, precision, PRECISIONS[precision]
-
-
 def make_generator(device: torch.device, seed: Optional[int]) -> torch.Generator:
     """A generator for sampling on `device`: seeded (reproducible runs) or, with seed None, from OS entropy."""
     generator = torch.Generator(device=device)
@@ -458,41 +417,3 @@ def compile_decode(model: GPT) -> Callable:
             return compiled(idx, input_pos)
 
     return forward
-
-
-def decode_step_bytes(model: GPT, batch_size: int = 1) -> int:
-    """Bytes of weights one decode step reads: every parameter and quantized weight buffer, but of the
-    embedding only the looked-up rows (gpt-fast counts the whole table, 5% of phi-2, which is not read).
-    """
-    total = sum(t.nbytes for t in model.parameters())
-    # quantized layers hold their weights, scales and biases as buffers
-    total += sum(t.nbytes for name, t in model.named_buffers()
-                 if name not in ("cos", "sin", "causal_mask") and ".kv_cache." not in name)
-    wte = model.transformer.wte.weight
-    return total - wte.nbytes + batch_size * wte.size(1) * wte.element_size()
-
-
-def peak_memory(device: torch.device) -> str:
-    """Peak memory of this process, as text: CUDA's max allocated, or the CPU's max resident set."""
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (CUDA max allocated)"
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"{rss_kb * 1024 / 1e9:.2f} GB (max resident set, memory-mapped weights included)"
-
-
-def unescape(text: str) -> str:
-    r"""Turn the two-character escapes \n, \t and \\ into a newline, a tab and a backslash (shells pass them raw)."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in "nt\\":
-            out.append({"n": "\n", "t": "\t", "\\": "\\"}[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
-def sync(device: Union[torch.device, str]) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()

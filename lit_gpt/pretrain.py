@@ -379,7 +379,7 @@ def export(checkpoint: Path, tokenizer_dir: Path, out_dir: Path, dtype: ExportDt
     model.safetensors, generation_config.json, tokenizer files) beside ours (lit_config.json, lit_model.pth)."""
     import shutil
 
-    from lit_gpt.checkpoint import save_hf_checkpoint
+    from lit_gpt.convert import save_hf_checkpoint
     from lit_gpt.tokenizer import Tokenizer
 
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)

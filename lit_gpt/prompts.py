@@ -6,11 +6,13 @@ new turn of their own ("Instruct:", "Alice:", "Answer:"). So every style carries
 new turn as stop sequences; the sampling loop cuts the reply before them and never prints them.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union, get_args
 
+from lit_gpt.choices import check_choice
+from lit_gpt.config import Config
+from lit_gpt.files import LIT_CONFIG
 from lit_gpt.utils import UserError
 
 
@@ -62,27 +64,26 @@ STYLES: dict[str, PromptStyle] = {
 }
 
 
-def get_style(name: str) -> PromptStyle:
-    """The style called `name` (see STYLES); a UserError lists the choices."""
-    if name not in STYLES:
-        raise UserError(f"unknown prompt style {name!r}; choose one of {', '.join(STYLES)}")
+StyleName = Literal["raw", "phi-2", "phi-2-chat", "phi-1_5", "phi-1"]
+assert set(get_args(StyleName)) == set(STYLES)
+
+
+def get_style(name: StyleName) -> PromptStyle:
+    """The style called `name` (see STYLES)."""
+    check_choice("prompt_style", name, StyleName)
     return STYLES[name]
 
 
 def model_name(checkpoint_dir: Union[str, Path]) -> str:
     """The model's name from lit_config.json: hf_config's name if set ("phi-2"), else "name", else ""."""
-    path = Path(checkpoint_dir) / "lit_config.json"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = Config.from_json(Path(checkpoint_dir) / LIT_CONFIG)
+    except UserError:
         return ""
-    if not isinstance(data, dict):
-        return ""
-    hf = data.get("hf_config") if isinstance(data.get("hf_config"), dict) else {}
-    return str(hf.get("name") or data.get("name") or "")
+    return str(config.hf_config.get("name") or config.name or "")
 
 
-def style_for_checkpoint(checkpoint_dir: Union[str, Path], name: Optional[str] = None) -> PromptStyle:
+def style_for_checkpoint(checkpoint_dir: Union[str, Path], name: Optional[StyleName] = None) -> PromptStyle:
     """The style named `name` if given, else the one matching the checkpoint's model, else "raw".
 
     The model is recognised by its name in lit_config.json ("phi-2", also "microsoft/phi-2" or

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from lit_gpt.checkpoint import expected_shapes, hf_config_dict, lit_to_qkv, name_map
+from lit_gpt.convert import hf_config_dict, lit_to_qkv, name_map
+from lit_gpt.load import expected_shapes
 from lit_gpt.config import Config
 from lit_gpt.tokenizer import write_phi_tokenizer
 from lit_gpt.utils import atomic_path

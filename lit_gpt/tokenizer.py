@@ -14,14 +14,13 @@ import torch
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from lit_gpt.utils import UserError, first_line
+from lit_gpt.utils import NeedsStep, UserError, first_line
 
 EOT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257  # ids 0..50256; 50256 is <|endoftext|>
 # CodeGen/Phi appends whitespace runs so that indented code costs one token per indent level:
 # 31 down to 2 spaces get ids 50257..50286, 9 down to 2 tabs get 50287..50294 (longest first).
 PHI_ADDED_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
-DOWNLOAD_HINT = "python scripts/download.py --repo_id <org/name> --tokenizer_only True"
 
 
 def write_phi_tokenizer(out_dir: Path, gpt2_dir: Path) -> None:
@@ -93,16 +92,16 @@ class Tokenizer:
     def __init__(self, checkpoint_dir: Path) -> None:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
-            raise UserError(
-                f"checkpoint directory {checkpoint_dir} does not exist; get the tokenizer with `{DOWNLOAD_HINT}`"
-            )
+            raise NeedsStep(f"checkpoint directory {checkpoint_dir} does not exist; get the tokenizer",
+                            "download_tokenizer", checkpoint_dir)
         path = checkpoint_dir / "tokenizer.json"
         if not path.is_file():
-            raise UserError(f"{checkpoint_dir} has no tokenizer.json; get it with `{DOWNLOAD_HINT}`")
+            raise NeedsStep(f"{checkpoint_dir} has no tokenizer.json; get it", "download_tokenizer", checkpoint_dir)
         try:
             self.processor = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise UserError(f"cannot read {path} ({first_line(e)}); download it again with `{DOWNLOAD_HINT}`")
+            raise NeedsStep(f"cannot read {path} ({first_line(e)}); download it again", "download_tokenizer",
+                            checkpoint_dir)
         self.checkpoint_dir = checkpoint_dir
         self.bos_id, self.eos_id = self._special_ids(checkpoint_dir)
         self._id_bytes: Optional[list[bytes]] = None  # built on the first stream_decoder() call
@@ -128,9 +127,9 @@ class Tokenizer:
             if ids[key] is None and token is not None:
                 ids[key] = self.processor.token_to_id(token)
                 if ids[key] is None:
-                    raise UserError(
+                    raise NeedsStep(
                         f"{checkpoint_dir / 'tokenizer_config.json'} names {key}_token {token!r}, which tokenizer.json"
-                        f" lacks; download the tokenizer again with `{DOWNLOAD_HINT}`"
+                        f" lacks; download the tokenizer again", "download_tokenizer", checkpoint_dir
                     )
         return ids["bos"], ids["eos"]
 
@@ -178,9 +177,10 @@ class Tokenizer:
         # Streaming relies on knowing each id's exact bytes, which is only defined for byte-level decoding.
         decoder = json.loads(self.processor.to_str()).get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
-            raise UserError(
+            raise NeedsStep(
                 f"streaming needs a byte-level BPE tokenizer (like Phi's), but {self.checkpoint_dir / 'tokenizer.json'}"
-                f" uses decoder {decoder.get('type')!r}; download the model's own tokenizer with `{DOWNLOAD_HINT}`"
+                f" uses decoder {decoder.get('type')!r}; download the model's own tokenizer", "download_tokenizer",
+                self.checkpoint_dir
             )
         char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
         table = []
@@ -231,9 +231,11 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot parse {path} ({e}); fix or delete it, or download it again with `{DOWNLOAD_HINT}`")
+        raise NeedsStep(f"cannot parse {path} ({e}); fix or delete it, or download it again", "download_tokenizer",
+                        path.parent)
     if not isinstance(data, dict):
-        raise UserError(f"{path} is not a JSON object; fix or delete it, or download it again with `{DOWNLOAD_HINT}`")
+        raise NeedsStep(f"{path} is not a JSON object; fix or delete it, or download it again", "download_tokenizer",
+                        path.parent)
     return data
 
 

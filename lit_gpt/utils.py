@@ -1,16 +1,17 @@
 """Small helpers shared by the library and the command-line scripts."""
 
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad value, corrupt file). Scripts print it as one line.
 
     The library says what is wrong and what would fix it; the scripts (lit_gpt/cli.py) add the flag or the
-    command that does it, through the subclasses below.
+    command that does it, for the subclasses below.
     """
 
 
@@ -22,20 +23,14 @@ class InvalidArgument(UserError):
         self.name, self.problem = name, problem
 
 
-class NotConverted(UserError):
-    """A checkpoint directory without our files (lit_model.pth, lit_config.json): it needs converting."""
+class NeedsStep(UserError):
+    """A checkpoint directory that needs a step first: its message ends with what to do ("...; convert the
+    checkpoint first"), and the command line adds the command (" with `python scripts/...`")."""
 
-    def __init__(self, message: str, checkpoint_dir: Path) -> None:
+    def __init__(self, message: str, step: Literal["download", "download_tokenizer", "convert", "quantize"],
+                 checkpoint_dir: Path) -> None:
         super().__init__(message)
-        self.checkpoint_dir = Path(checkpoint_dir)
-
-
-class NotDownloaded(UserError):
-    """A checkpoint directory without files that come from the Hub (weights, tokenizer): it needs downloading."""
-
-    def __init__(self, message: str, checkpoint_dir: Path, tokenizer_only: bool = False) -> None:
-        super().__init__(message)
-        self.checkpoint_dir, self.tokenizer_only = Path(checkpoint_dir), tokenizer_only
+        self.step, self.checkpoint_dir = step, Path(checkpoint_dir)
 
 
 def first_line(e: Exception, limit: int = 160) -> str:
@@ -58,3 +53,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def progress(items, total: int, desc: str, enabled: bool = True, unit: str = "tensor"):
+    """`items`, with a progress bar on stderr when `enabled` (long conversions and quantizations)."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit=unit, file=sys.stderr)

@@ -6,11 +6,12 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_gpt.checkpoint import convert_hf_checkpoint
+from lit_gpt.convert import convert_hf_checkpoint
+from lit_gpt.choices import DtypeName
 from lit_gpt.cli import run_cli
 
 
-def main(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optional[str] = None) -> None:
+def main(checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optional[DtypeName] = None) -> None:
     """Convert the Hugging Face checkpoint in a directory into our format, in place.
 
     Reads sharded or single safetensors (memory-mapped) or .bin files in any of the three naming

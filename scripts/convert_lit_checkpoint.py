@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_gpt.checkpoint import convert_lit_checkpoint
+from lit_gpt.convert import convert_lit_checkpoint
 from lit_gpt.cli import run_cli
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_gpt.checkpoint import convert_if_needed
+from lit_gpt.convert import convert_if_needed
 from lit_gpt.evaluate import Mode, evaluate, file_tokens, held_out_tokens, print_table
 from lit_gpt.cli import run_cli
 from lit_gpt.utils import UserError

@@ -3,19 +3,22 @@
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from lit_gpt.checkpoint import save_quantized
-from lit_gpt.generate import PRECISIONS, default_precision
+from lit_gpt.choices import Precision
 from lit_gpt.cli import run_cli
-from lit_gpt.utils import UserError
+from lit_gpt.device import DTYPE_OF_PRECISION, default_precision
+from lit_gpt.load import load_model
+from lit_gpt.quantize import check_int4_group_size
+from lit_gpt.quantized_checkpoint import save_quantized
 
 
-def main(checkpoint_dir: Path, quantize: str = "int4", group_size: int = 32, precision: Optional[str] = None) -> None:
+def main(checkpoint_dir: Path, quantize: Literal["int8", "int4"] = "int4", group_size: int = 32,
+         precision: Optional[Precision] = None) -> None:
     """Quantize lit_model.pth (weight-only int8 or int4) and save the model beside it.
 
     Writes lit_model.int8.pth or lit_model.int4-g<group_size>.pth and a .json that says what it was made
@@ -31,11 +34,13 @@ def main(checkpoint_dir: Path, quantize: str = "int4", group_size: int = 32, pre
         precision: Of the scales, biases, embedding and norms, as generate's --precision: bf16-true, 16-true
             or 32-true (default: what generate uses on this CPU, bf16-true where it has native bf16).
     """
-    precision = precision or default_precision(torch.device("cpu"))
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if quantize == "int4":
+        check_int4_group_size(group_size)  # before loading anything
+    dtype = DTYPE_OF_PRECISION[precision or default_precision(torch.device("cpu"))]
     t0 = time.perf_counter()
-    out = save_quantized(checkpoint_dir, quantize, group_size, PRECISIONS[precision])
+    model = load_model(checkpoint_dir, "cpu", dtype, quantize=quantize, group_size=group_size, use_saved=False,
+                       show_progress=True)
+    out = save_quantized(model, checkpoint_dir)
     print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
 

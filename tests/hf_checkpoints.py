@@ -163,7 +163,7 @@ def lively_checkpoint(d: Path, block_size: int):
                 p.mul_(3)
         hf.lm_head.weight.mul_(5)
     save_weights(hf_state_dict(hf, "phi"), d, "safetensors", 1)
-    from lit_gpt.checkpoint import convert_hf_checkpoint
+    from lit_gpt.convert import convert_hf_checkpoint
 
-    convert_hf_checkpoint(d, progress=False)
+    convert_hf_checkpoint(d, show_progress=False)
     return hf

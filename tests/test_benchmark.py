@@ -8,7 +8,8 @@ from pathlib import Path
 from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
 import torch
 
-from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+from lit_gpt.convert import convert_hf_checkpoint
+from lit_gpt.load import load_model
 from lit_gpt.config import Config
 from lit_gpt.random_checkpoint import write_random_hf_checkpoint
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_benchmark_prints_every_row(tmp_path):
     make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
-    convert_hf_checkpoint(tmp_path, progress=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts/benchmark.py"), "--checkpoint_dir", str(tmp_path),
          "--modes", "[bf16, int8, int4]", "--max_new_tokens", "8"],
@@ -49,7 +50,7 @@ def test_benchmark_prints_every_row(tmp_path):
 
 def test_rounds_rerun_every_configuration_and_report_medians(tmp_path):
     make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
-    convert_hf_checkpoint(tmp_path, progress=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
     args = [sys.executable, str(ROOT / "scripts/benchmark.py"), "--checkpoint_dir", str(tmp_path),
             "--modes", "[bf16, int8]", "--max_new_tokens", "4", "--transformers", "False"]
     proc = subprocess.run([*args, "--rounds", "3"], capture_output=True, text=True, timeout=600)
@@ -79,7 +80,7 @@ def test_random_checkpoint_has_the_real_layout_and_converts(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert (hf.config.hidden_size, hf.config.num_hidden_layers, hf.config.intermediate_size) == (2048, 2, 8192)
 
-    convert_hf_checkpoint(tmp_path, progress=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
     ours = load_model(tmp_path, dtype=torch.float32)
     idx = torch.tensor([[15496, 995, 11, 703]])
     with torch.no_grad():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_gpt.checkpoint import load_model
+from lit_gpt.load import load_model
 from lit_gpt.generate import ChatSession, generate
 from lit_gpt.prompts import get_style
 from lit_gpt.tokenizer import Tokenizer

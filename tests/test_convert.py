@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_checkpoints import hf_config_json, make_hf_checkpoint, tiny_hf_config
-from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+from lit_gpt.convert import convert_hf_checkpoint
+from lit_gpt.load import load_model
 from lit_gpt.config import Config
 from lit_gpt.utils import UserError
 
@@ -73,7 +74,7 @@ def test_hf_lit_hf_round_trip_is_bit_exact(tmp_path, scheme):
 
 def test_dtype_option_casts_weights(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
-    convert_hf_checkpoint(tmp_path, dtype="bfloat16", progress=False)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16", show_progress=False)
     sd = torch.load(tmp_path / "lit_model.pth", mmap=True, weights_only=True)
     assert {t.dtype for t in sd.values()} == {torch.bfloat16}
 
@@ -245,11 +246,11 @@ def test_bin_checkpoint_cannot_run_code(tmp_path):
 
 def test_interrupted_conversion_leaves_no_model_file(tmp_path):
     """Ctrl-C while tensors are being written: the temp file is removed, no lit_model.pth appears."""
-    import lit_gpt.checkpoint as checkpoint
+    import lit_gpt.tensor_writer as tensor_writer
 
     make_hf_checkpoint(tmp_path, tokenizer=False)
     calls = {"n": 0}
-    real_add = checkpoint.IncrementalTensorWriter.add
+    real_add = tensor_writer.IncrementalTensorWriter.add
 
     def add_then_interrupt(self, name, tensor):
         real_add(self, name, tensor)
@@ -257,19 +258,19 @@ def test_interrupted_conversion_leaves_no_model_file(tmp_path):
         if calls["n"] == 5:
             raise KeyboardInterrupt
 
-    checkpoint.IncrementalTensorWriter.add = add_then_interrupt
+    tensor_writer.IncrementalTensorWriter.add = add_then_interrupt
     try:
         with pytest.raises(KeyboardInterrupt):
-            convert_hf_checkpoint(tmp_path, progress=False)
+            convert_hf_checkpoint(tmp_path, show_progress=False)
     finally:
-        checkpoint.IncrementalTensorWriter.add = real_add
+        tensor_writer.IncrementalTensorWriter.add = real_add
     assert calls["n"] == 5
     assert lit_outputs(tmp_path) == []
 
 
 def test_lit_checkpoint_without_config(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
-    convert_hf_checkpoint(tmp_path, progress=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
     (tmp_path / "lit_config.json").unlink()
     out = tmp_path / "out"
     proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
@@ -280,7 +281,7 @@ def test_lit_checkpoint_without_config(tmp_path):
 @pytest.mark.parametrize("content", ["{not json", '{"n_embd": "wide"}', "[1, 2]"])
 def test_lit_checkpoint_with_malformed_config(tmp_path, content):
     make_hf_checkpoint(tmp_path, tokenizer=False)
-    convert_hf_checkpoint(tmp_path, progress=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
     (tmp_path / "lit_config.json").write_text(content)
     out = tmp_path / "out"
     proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
@@ -292,7 +293,7 @@ def test_lit_checkpoint_with_malformed_config(tmp_path, content):
 
 def test_lit_checkpoint_that_does_not_match_its_config(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
-    convert_hf_checkpoint(tmp_path, progress=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
     config = json.loads((tmp_path / "lit_config.json").read_text())
     config["n_layer"] = 3
     (tmp_path / "lit_config.json").write_text(json.dumps(config))
@@ -308,7 +309,8 @@ MEASURE_PEAK = """
 import re, sys
 sys.path.insert(0, {root!r})
 import torch
-from lit_gpt.checkpoint import convert_hf_checkpoint, expected_shapes
+from lit_gpt.convert import convert_hf_checkpoint
+from lit_gpt.load import expected_shapes
 from lit_gpt.config import Config
 
 expected_shapes(Config(n_layer=1, n_embd=8, n_head=1))  # one-time lazy imports (~80 MB) are not conversion memory
@@ -319,9 +321,9 @@ def status(key):
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to what is resident now
 before = status("VmRSS")
 if sys.argv[1] == "convert":
-    convert_hf_checkpoint(sys.argv[2], progress=False)
+    convert_hf_checkpoint(sys.argv[2], show_progress=False)
 elif sys.argv[1] in ("int8", "int4"):
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.load import load_model
     model = load_model(sys.argv[2], quantize=sys.argv[1])
     print(sum(t.nbytes for t in list(model.parameters()) + list(model.buffers())))
 else:  # control: reading the whole model must show up, or the measurement means nothing
@@ -355,7 +357,7 @@ def test_quantized_load_memory_follows_the_result(tmp_path, mode):
     """Quantizing at load hands the float pages back: peak growth is near the quantized size, not float + quantized."""
     config = tiny_hf_config(n_embd=512, n_head=8, n_layer=24, vocab_size=1024)
     make_hf_checkpoint(tmp_path, config, tokenizer=False)
-    convert_hf_checkpoint(tmp_path, dtype="bfloat16", progress=False)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16", show_progress=False)
     float_bytes = (tmp_path / "lit_model.pth").stat().st_size
     out = subprocess.run([sys.executable, "-c", MEASURE_PEAK.format(root=str(ROOT)), mode, str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout.split()

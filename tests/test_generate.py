@@ -12,10 +12,10 @@ import torch
 
 from hf_checkpoints import lively_checkpoint
 from lit_gpt import gemv
-from lit_gpt.checkpoint import load_model
-from lit_gpt.generate import (
-    Completion, choose_device, compile_decode, cpu_supports_bf16, generate, generate_tokens, make_generator, sample, stream, unescape,
-)
+from lit_gpt.load import load_model
+from lit_gpt.cli import unescape
+from lit_gpt.device import choose_device, cpu_supports_bf16
+from lit_gpt.generate import Completion, compile_decode, generate, generate_tokens, make_generator, sample, stream
 from lit_gpt.prompts import STYLES, get_style, style_for_checkpoint
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import UserError
@@ -328,7 +328,7 @@ def test_device_and_precision_choice():
         expected = ("bf16-true", torch.bfloat16) if cpu_supports_bf16() else ("32-true", torch.float32)
         assert (precision, dtype) == expected
     assert choose_device("16-true")[1:] == ("16-true", torch.float16)
-    with pytest.raises(UserError, match="unknown precision 'fp32'"):
+    with pytest.raises(UserError, match="precision must be one of bf16-true, 16-true, 32-true, got 'fp32'"):
         choose_device("fp32")
 
 
@@ -396,7 +396,7 @@ def test_running_out_of_memory_is_one_line_not_a_traceback(tmp_path):
     `error:` line and exit code 1."""
     script = tmp_path / "oom.py"
     script.write_text(
-        "from lit_gpt.utils import run_cli\n"
+        "from lit_gpt.cli import run_cli\n"
         "def main() -> None:\n"
         "    '''Ask for a terabyte.'''\n"
         "    bytearray(1 << 40)\n"

@@ -100,7 +100,7 @@ def test_progress_line_and_checkpoint(micro_run):
 def test_export_loads_in_transformers_with_equal_logits(micro_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lit_gpt.checkpoint import load_model
+    from lit_gpt.load import load_model
     from lit_gpt.tokenizer import Tokenizer
 
     final = micro_run / "final"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from hf_checkpoints import lively_checkpoint
-from lit_gpt.checkpoint import load_model, save_quantized, saved_quantized_path
+from lit_gpt.cli import error_line
+from lit_gpt.load import load_model
+from lit_gpt.quantized_checkpoint import save_quantized, saved_quantized_path
 from lit_gpt.quantize import Int4Linear, Int8Linear
 from lit_gpt.utils import UserError
 
@@ -51,6 +54,12 @@ def _quantized_weights(model) -> list:
     return [m.weight for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
 
 
+def quantize_and_save(ckpt: Path, mode: str, group_size: int = 32) -> Path:
+    """What scripts/quantize.py does: quantize lit_model.pth at load (bf16), then save the model beside it."""
+    model = load_model(ckpt, "cpu", torch.bfloat16, quantize=mode, group_size=group_size, use_saved=False)
+    return save_quantized(model, ckpt, show_progress=False)
+
+
 def _logits(model, idx: torch.Tensor) -> list:
     with torch.inference_mode():
         model.set_kv_cache(1, 32)
@@ -62,7 +71,7 @@ def _logits(model, idx: torch.Tensor) -> list:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
 @pytest.mark.parametrize(("mode", "group_size"), CASES)
 def test_a_saved_checkpoint_loads_memory_mapped_and_equal_to_quantizing_at_load(ckpt, mode, group_size):
-    out = save_quantized(ckpt, mode, group_size, torch.bfloat16, progress=False)
+    out = quantize_and_save(ckpt, mode, group_size)
     assert out == saved_quantized_path(ckpt, mode, group_size)
     about = json.loads(out.with_suffix(".json").read_text())
     assert about["mode"] == mode and about["dtype"] == "bfloat16"
@@ -80,7 +89,7 @@ def test_a_saved_checkpoint_loads_memory_mapped_and_equal_to_quantizing_at_load(
 
 
 def test_a_changed_lit_model_is_quantized_at_load_with_a_note(ckpt, capfd):
-    out = save_quantized(ckpt, "int8", dtype=torch.bfloat16, progress=False)
+    out = quantize_and_save(ckpt, "int8")
     source = ckpt / "lit_model.pth"
     stat = source.stat()
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # converted again, say
@@ -90,7 +99,7 @@ def test_a_changed_lit_model_is_quantized_at_load_with_a_note(ckpt, capfd):
 
 
 def test_another_dtype_or_int4_layout_is_quantized_at_load_with_a_note(ckpt, capfd):
-    out = save_quantized(ckpt, "int4", 32, torch.bfloat16, progress=False)
+    out = quantize_and_save(ckpt, "int4", 32)
     model = load_model(ckpt, dtype=torch.float32, quantize="int4")
     assert "holds bfloat16 scales, not float32" in capfd.readouterr().err
     assert model.lm_head.scales_and_zeros.dtype == torch.float32
@@ -102,13 +111,14 @@ def test_another_dtype_or_int4_layout_is_quantized_at_load_with_a_note(ckpt, cap
 
 
 def test_a_corrupt_saved_checkpoint_is_a_user_error(ckpt):
-    out = save_quantized(ckpt, "int4", 32, torch.bfloat16, progress=False)
+    out = quantize_and_save(ckpt, "int4", 32)
     data = out.read_bytes()
     stat = out.stat()
     out.write_bytes(data[: len(data) // 2])
     os.utime(out, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    with pytest.raises(UserError, match="truncated or corrupt.*scripts/quantize.py"):
+    with pytest.raises(UserError) as e:
         load_model(ckpt, dtype=torch.bfloat16, quantize="int4")
+    assert re.search("truncated or corrupt.*scripts/quantize.py", error_line(e.value))
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -134,9 +144,9 @@ def test_quantize_script_then_generate_uses_the_saved_checkpoint(ckpt):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--quantize", "int3"), "unknown quantization 'int3'"),
+    (("--quantize", "int3"), "--quantize: unknown value 'int3'"),
     (("--quantize", "int4", "--group_size", "48"), "int4 group size must be one of"),
-    (("--precision", "fp8"), "unknown precision 'fp8'"),
+    (("--precision", "fp8"), "--precision: unknown value 'fp8'"),
 ])
 def test_quantize_script_bad_options_are_one_error_line(ckpt, args, message):
     proc = _run("scripts/quantize.py", "--checkpoint_dir", str(ckpt), *args)

@@ -1,0 +1,327 @@
+"""Conversion between Hugging Face Phi checkpoints and ours, both ways, driven by one name table.
+
+WEIGHT_NAMES says where each of our tensors lives in each of the three naming schemes Phi checkpoints have had
+on the Hub; `convert_hf_checkpoint` reads any of them (safetensors or .bin, sharded or not, one tensor at a
+time) into lit_model.pth, and `save_hf_checkpoint` writes transformers' current format back.
+"""
+
+import json
+import pickle
+import shutil
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from lit_gpt.choices import DtypeName, check_choice
+from lit_gpt.config import Config
+from lit_gpt.files import (
+    GENERATION_CONFIG, HF_CONFIG, LIT_CONFIG, LIT_MODEL, NOT_WEIGHTS, TOKENIZER_FILES, WEIGHT_KINDS,
+)
+from lit_gpt.load import expected_shapes, load_lit_state_dict
+from lit_gpt.tensor_writer import IncrementalTensorWriter
+from lit_gpt.utils import InvalidArgument, NeedsStep, UserError, atomic_path, first_line, progress
+
+SCHEMES = ("phi", "phi-msft", "mixformer-sequential")
+
+# lit name -> name in each scheme, in the order of SCHEMES. Placeholders: {i} block index,
+# {j} = i + 1 and {last} = n_layer + 1 (MixFormer is one flat Sequential: embedding, blocks, head),
+# {wb} expands to "weight" and "bias". A tuple holds q, k, v kept apart; a single qkv name holds
+# them concatenated as [q; k; v] on the output dim.
+WEIGHT_NAMES = [
+    ("transformer.wte.weight",
+     "model.embed_tokens.weight", "transformer.embd.wte.weight", "layers.0.wte.weight"),
+    ("transformer.h.{i}.norm_1.{wb}",
+     "model.layers.{i}.input_layernorm.{wb}", "transformer.h.{i}.ln.{wb}", "layers.{j}.ln.{wb}"),
+    ("transformer.h.{i}.attn.attn.{wb}",
+     ("model.layers.{i}.self_attn.q_proj.{wb}", "model.layers.{i}.self_attn.k_proj.{wb}",
+      "model.layers.{i}.self_attn.v_proj.{wb}"),
+     "transformer.h.{i}.mixer.Wqkv.{wb}", "layers.{j}.mixer.Wqkv.{wb}"),
+    ("transformer.h.{i}.attn.proj.{wb}",
+     "model.layers.{i}.self_attn.dense.{wb}", "transformer.h.{i}.mixer.out_proj.{wb}", "layers.{j}.mixer.out_proj.{wb}"),
+    ("transformer.h.{i}.mlp.fc.{wb}",
+     "model.layers.{i}.mlp.fc1.{wb}", "transformer.h.{i}.mlp.fc1.{wb}", "layers.{j}.mlp.fc1.{wb}"),
+    ("transformer.h.{i}.mlp.proj.{wb}",
+     "model.layers.{i}.mlp.fc2.{wb}", "transformer.h.{i}.mlp.fc2.{wb}", "layers.{j}.mlp.fc2.{wb}"),
+    ("transformer.ln_f.{wb}",
+     "model.final_layernorm.{wb}", "lm_head.ln.{wb}", "layers.{last}.ln.{wb}"),
+    ("lm_head.{wb}",
+     "lm_head.{wb}", "lm_head.linear.{wb}", "layers.{last}.linear.{wb}"),
+]
+
+# buffers some old checkpoints carry that are recomputed, not loaded
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")
+
+def name_map(config: Config, scheme: str) -> dict[str, tuple[str, ...]]:
+    """Every lit tensor name -> its source name(s) in `scheme` (three names for q, k, v kept apart)."""
+    col = 1 + SCHEMES.index(scheme)
+    out: dict[str, tuple[str, ...]] = {}
+    for row in WEIGHT_NAMES:
+        lit, theirs = row[0], row[col]
+        theirs = theirs if isinstance(theirs, tuple) else (theirs,)
+        blocks = range(config.n_layer) if "{i}" in lit else [None]
+        kinds = ("weight", "bias") if "{wb}" in lit else [None]
+        for i in blocks:
+            for wb in kinds:
+                fmt = dict(i=i, j=None if i is None else i + 1, last=config.n_layer + 1, wb=wb)
+                out[lit.format(**fmt)] = tuple(t.format(**fmt) for t in theirs)
+    return out
+
+
+def detect_scheme(names: set[str]) -> str:
+    """Which naming scheme a checkpoint uses, from its tensor names alone."""
+    for scheme, marker in (("phi", "model.embed_tokens.weight"), ("phi-msft", "transformer.embd.wte.weight"),
+                           ("mixformer-sequential", "layers.0.wte.weight")):
+        if marker in names:
+            return scheme
+    sample = ", ".join(sorted(names)[:3])
+    raise UserError(f"the weights are not in any known Phi naming scheme (found e.g. {sample})")
+
+
+def qkv_to_lit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Config) -> torch.Tensor:
+    """Separate q, k, v (output-dim first) -> lit's fused layout, interleaved per query group."""
+    g, hs = config.n_query_groups, config.head_size
+    q = q.reshape(g, -1, hs, *q.shape[1:])
+    k = k.reshape(g, 1, hs, *k.shape[1:])
+    v = v.reshape(g, 1, hs, *v.shape[1:])
+    return torch.cat((q, k, v), dim=1).reshape(-1, *q.shape[3:])
+
+
+def lit_to_qkv(qkv: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, hs = config.n_query_groups, config.head_size
+    q_per_kv = config.n_head // g
+    grouped = qkv.reshape(g, q_per_kv + 2, hs, *qkv.shape[1:])
+    q, k, v = grouped.split((q_per_kv, 1, 1), dim=1)
+    rest = qkv.shape[1:]
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+class WeightFiles:
+    """The tensors of a Hugging Face checkpoint directory, read one at a time from its weight files.
+
+    Files are memory-mapped (safetensors, or .bin zip archives) but each read opens its own mapping,
+    which goes away with the tensor: a mapping held for the whole run would count every page read
+    so far as resident, and peak memory would grow to the size of the model. .bin files are only
+    ever unpickled with weights_only=True, so a checkpoint cannot run code.
+    """
+
+    def __init__(self, checkpoint_dir: Path) -> None:
+        self.files = find_weight_files(checkpoint_dir)
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # from the file headers, no data read
+        for path in self.files:
+            with self._open(path) as tensors:
+                for name in tensors.keys():
+                    self.where[name] = path
+                    self.shapes[name] = tensors.shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            with self._open(self.where[name]) as tensors:
+                return tensors.get(name)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"cannot read {name} from {self.where[name]} ({first_line(e)}); "
+                            "the file is corrupt: delete it and download the checkpoint again")
+
+    @contextmanager
+    def _open(self, path: Path) -> Iterator["_Tensors"]:
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                handle = safe_open(str(path), framework="pt")
+                yield _Tensors(handle.keys, lambda n: handle.get_slice(n).get_shape(), handle.get_tensor)
+            else:
+                with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+                    warnings.simplefilter("ignore")
+                    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                yield _Tensors(sd.keys, lambda n: sd[n].shape, sd.__getitem__)
+        except pickle.UnpicklingError as e:
+            raise UserError(f"{path} holds more than tensors and was not loaded, as it could run code "
+                            f"({first_line(e)}); use a safetensors checkpoint instead")
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path} is truncated or corrupt ({first_line(e)}); "
+                            "delete it and download the checkpoint again")
+
+
+class _Tensors:
+    """The three things read from an open weight file, whatever its format."""
+
+    def __init__(self, keys, shape, get) -> None:
+        self.keys = keys
+        self.shape = lambda name: tuple(shape(name))
+        self.get = get
+
+
+def find_weight_files(checkpoint_dir: Path) -> list[Path]:
+    checkpoint_dir = Path(checkpoint_dir)
+    for suffix, index_name in WEIGHT_KINDS.values():
+        pattern = f"*{suffix}"
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError) as e:
+                raise NeedsStep(f"{index} is malformed ({e}); download the checkpoint again", "download", checkpoint_dir)
+            missing = [s for s in shards if not (checkpoint_dir / s).is_file()]
+            if missing:
+                raise NeedsStep(f"shard {missing[0]} listed in {index.name} is missing from {checkpoint_dir}; run the "
+                                "download again to fetch it", "download", checkpoint_dir)
+            return [checkpoint_dir / s for s in shards]
+        files = sorted(p for p in checkpoint_dir.glob(pattern) if p.name not in NOT_WEIGHTS)
+        if files:
+            return files
+    raise NeedsStep(f"no weights (*.safetensors or *.bin) in {checkpoint_dir}; download them", "download", checkpoint_dir)
+
+
+def convert_hf_checkpoint(
+    checkpoint_dir: Path, model_name: Optional[str] = None, dtype: Optional[DtypeName] = None, show_progress: bool = True
+) -> Path:
+    """Convert a Hugging Face Phi checkpoint in `checkpoint_dir` into lit_config.json + lit_model.pth.
+
+    Every name and shape is checked against the config (from config.json, or the named config `model_name`)
+    before anything is written; tensors are then read, remapped and written one at a time, so memory stays
+    near one tensor. `dtype` casts the weights (default: keep the checkpoint's).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise NeedsStep(f"{checkpoint_dir} does not exist; download a checkpoint first", "download", checkpoint_dir)
+    if dtype is not None:
+        check_choice("dtype", dtype, DtypeName)
+    weights = WeightFiles(checkpoint_dir)
+    if model_name is not None:
+        config = Config.from_name(model_name)
+    elif (checkpoint_dir / HF_CONFIG).is_file():
+        config = Config.from_hf_config(checkpoint_dir / HF_CONFIG)
+    else:
+        raise InvalidArgument("model_name", f"is needed: {checkpoint_dir} has no config.json (phi-1, phi-1_5 or phi-2)")
+    scheme = detect_scheme(set(weights.where))
+    names = name_map(config, scheme)
+    _check_names_and_shapes(weights, names, config, scheme, checkpoint_dir)
+
+    def converted() -> Iterator[tuple[str, torch.Tensor]]:
+        for lit_name, sources in names.items():
+            parts = [weights.get(s) for s in sources]
+            if len(parts) == 1 and ".attn.attn." in lit_name:  # a fused [q; k; v]
+                parts = parts[0].split([config.n_head * config.head_size] + 2 * [config.n_query_groups * config.head_size])
+            tensor = qkv_to_lit(*parts, config) if len(parts) == 3 else parts[0]
+            yield lit_name, tensor if dtype is None else tensor.to(getattr(torch, dtype))
+
+    out = checkpoint_dir / LIT_MODEL
+    with atomic_path(out) as tmp:
+        with IncrementalTensorWriter(tmp) as writer:
+            for lit_name, tensor in progress(converted(), len(names), "converting", show_progress):
+                writer.add(lit_name, tensor)
+        with atomic_path(checkpoint_dir / LIT_CONFIG) as tmp_config:
+            config.to_json(tmp_config)
+    return out
+
+
+def _check_names_and_shapes(weights: "WeightFiles", names: dict, config: Config, scheme: str,
+                            checkpoint_dir: Path) -> None:
+    """Every tensor the config needs is there with its shape (from the file headers), and nothing else."""
+    shapes = expected_shapes(config)
+    wanted = [n for sources in names.values() for n in sources]
+    missing = [n for n in wanted if n not in weights.where]
+    if missing:
+        raise UserError(f"tensor {missing[0]} is missing from the checkpoint in {checkpoint_dir} "
+                        f"(expected for {config.n_layer} layers, scheme {scheme})")
+    unexpected = sorted(n for n in set(weights.where).difference(wanted) if not n.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise UserError(f"unexpected tensor {unexpected[0]} in the checkpoint in {checkpoint_dir} "
+                        f"({len(unexpected)} in all); it does not match the config")
+    for lit_name, sources in names.items():
+        parts = [weights.shapes[s] for s in sources]
+        fused = (sum(p[0] for p in parts), *parts[0][1:])  # q, k, v stack on the output dim
+        if any(p[1:] != parts[0][1:] for p in parts) or fused != tuple(shapes[lit_name]):
+            found = " + ".join(str(p) for p in parts)
+            raise UserError(f"{' + '.join(sources)} has shape {found} but the config needs {tuple(shapes[lit_name])} "
+                            f"for {lit_name}; the config.json does not match the weights")
+
+
+def convert_if_needed(checkpoint_dir: Path) -> None:
+    """Convert a directory that holds Hugging Face weights but no lit_model.pth (as litgpt does after a
+    download), saying so in one line on stderr; anything else is left for loading to judge."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir() or (checkpoint_dir / LIT_MODEL).is_file():
+        return
+    if not (checkpoint_dir / HF_CONFIG).is_file():
+        return
+    try:
+        find_weight_files(checkpoint_dir)
+    except UserError:
+        return
+    print(f"{checkpoint_dir} holds Hugging Face weights but no lit_model.pth; converting it first", file=sys.stderr)
+    convert_hf_checkpoint(checkpoint_dir, show_progress=False)
+
+
+def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
+    """Write a transformers-loadable directory (config.json, model.safetensors, tokenizer files)."""
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    config = Config.from_json(checkpoint_dir / LIT_CONFIG)
+    state_dict = load_lit_state_dict(checkpoint_dir, config)
+    bos_id = eos_id = 50256  # Phi's <|endoftext|>, unless the checkpoint's tokenizer says otherwise
+    if (checkpoint_dir / "tokenizer.json").is_file():
+        from lit_gpt.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(checkpoint_dir)
+        bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_hf_checkpoint(state_dict, config, output_dir, bos_id, eos_id)
+    for name in (GENERATION_CONFIG, *TOKENIZER_FILES):
+        if (checkpoint_dir / name).is_file():
+            with atomic_path(output_dir / name) as tmp:
+                shutil.copyfile(checkpoint_dir / name, tmp)
+    return output_dir
+
+
+def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, output_dir: Path,
+                       bos_id: Optional[int] = 50256, eos_id: Optional[int] = 50256) -> None:
+    """model.safetensors and config.json of a lit state dict, in transformers' current Phi format."""
+    from safetensors.torch import save_file
+
+    hf_state_dict = {}
+    for lit_name, targets in name_map(config, "phi").items():
+        tensor = state_dict[lit_name]
+        parts = lit_to_qkv(tensor, config) if len(targets) == 3 else (tensor,)
+        for target, part in zip(targets, parts):
+            hf_state_dict[target] = part.contiguous()
+    with atomic_path(Path(output_dir) / "model.safetensors") as tmp:
+        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
+    dtype = next(iter(state_dict.values())).dtype
+    with atomic_path(Path(output_dir) / HF_CONFIG) as tmp:
+        tmp.write_text(json.dumps(hf_config_dict(config, dtype, bos_id, eos_id), indent=2))
+
+
+def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 50256,
+                   eos_id: Optional[int] = 50256) -> dict:
+    """config.json for transformers' PhiForCausalLM (the current format)."""
+    return {
+        "architectures": ["PhiForCausalLM"],
+        "model_type": "phi",
+        "vocab_size": config.padded_vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "max_position_embeddings": config.block_size,
+        "partial_rotary_factor": config.rotary_percentage,
+        "rope_theta": float(config.rope_base),
+        "layer_norm_eps": config.norm_eps,
+        "hidden_act": "gelu_new",
+        "qk_layernorm": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+

@@ -1,0 +1,178 @@
+"""Loading a converted checkpoint for inference: memory-mapped, cast or quantized a tensor at a time.
+"""
+
+import mmap
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from lit_gpt.choices import OWN_QUANTIZE_MODES, DtypeName, QuantizeMode, check_choice
+from lit_gpt.config import Config
+from lit_gpt.files import LIT_CONFIG, LIT_MODEL
+from lit_gpt.model import GPT
+from lit_gpt.utils import InvalidArgument, NeedsStep, UserError, first_line, progress
+
+
+def expected_shapes(config: Config) -> dict[str, torch.Size]:
+    """The name and shape of every tensor of our state dict for `config` (no memory: built on the meta device)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in GPT(config).state_dict().items()}
+
+
+def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch.Tensor]:
+    """lit_model.pth, memory-mapped (no copy of the weights in RAM until they are used), checked
+    tensor by tensor against what `config` needs."""
+    path = Path(checkpoint_dir) / LIT_MODEL
+    if not path.is_file():
+        raise NeedsStep(f"{path} is missing; convert the checkpoint first", "convert", checkpoint_dir)
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise NeedsStep(f"{path} is truncated or corrupt ({first_line(e)}); convert the checkpoint again", "convert",
+                        checkpoint_dir)
+    shapes = expected_shapes(config)
+    for name, tensor in state_dict.items():
+        if name not in shapes:
+            raise UserError(f"unexpected tensor {name} in {path}; it does not match lit_config.json")
+        if tensor.shape != shapes[name]:
+            raise UserError(f"{name} has shape {tuple(tensor.shape)} in {path} but lit_config.json needs "
+                            f"{tuple(shapes[name])}")
+    missing = [name for name in shapes if name not in state_dict]
+    if missing:
+        raise NeedsStep(f"tensor {missing[0]} is missing from {path} ({len(missing)} in all); it does not match "
+                        "lit_config.json: convert the checkpoint again", "convert", checkpoint_dir)
+    return state_dict
+
+
+def load_model(
+    checkpoint_dir: Path,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    quantize: Optional[QuantizeMode] = None,
+    group_size: int = 32,
+    use_saved: bool = True,
+    show_progress: bool = False,
+) -> GPT:
+    """Build a GPT from a converted checkpoint directory, without a second copy of the weights.
+
+    The model is created on the meta device and takes the memory-mapped tensors as they are (on the
+    CPU, in the checkpoint's dtype, the weights are read straight from the page cache). Where a tensor
+    must be converted (another dtype or device) or quantized ("int8", "int4", see lit_gpt.quantize),
+    it is done one tensor / one block at a time and the file pages just read are handed back, so peak
+    memory stays near the size of the result, not the sum of both.
+
+    int8/int4 on the CPU load a quantized checkpoint saved by `save_quantized` (scripts/quantize.py)
+    instead, where one of that mode, group size and dtype exists and lit_model.pth has not changed
+    since (use_saved=False: always quantize). show_progress: show the quantization block by block.
+    """
+    from lit_gpt.quantized_checkpoint import load_saved_quantized, usable_saved_quantized
+
+    checkpoint_dir = Path(checkpoint_dir)
+    device = torch.device(device)
+    if quantize is not None:
+        check_choice("quantize", quantize, QuantizeMode)
+    config = Config.from_json(checkpoint_dir / LIT_CONFIG)
+    if use_saved and quantize in OWN_QUANTIZE_MODES and device.type == "cpu":
+        saved = usable_saved_quantized(checkpoint_dir, quantize, group_size, dtype)
+        if saved is not None:
+            return load_saved_quantized(saved, config, quantize, group_size)
+    state_dict = load_lit_state_dict(checkpoint_dir, config)
+    if quantize is not None and quantize.startswith("bnb."):
+        return _load_bitsandbytes(config, state_dict, device, dtype or torch.bfloat16, quantize)
+    pages = _FilePages(state_dict.values())
+    for name, tensor in state_dict.items():
+        target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if tensor.device != device or tensor.dtype != target_dtype:
+            state_dict[name] = tensor.to(device=device, dtype=target_dtype)
+            pages.release(tensor)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    del state_dict
+    model.reset_rope_cache(device)
+    if quantize:
+        _quantize_loaded(model, quantize, group_size, pages, show_progress)
+    return model.eval()
+
+
+def _quantize_loaded(model: GPT, mode: str, group_size: int, pages: "_FilePages", show_progress: bool) -> None:
+    """Quantize a model whose weights are memory-mapped, handing each layer's file pages back when it is done:
+    the LM head first, then block by block. A layer's pages stay resident until it is quantized, and the
+    head's (phi-2: 262 MB) weigh least while little else is resident (int4 peak: -0.1 GB)."""
+    from lit_gpt.quantize import quantize_model
+
+    head = model.lm_head.weight
+    all_but_head = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    quantize_model(model, mode, group_size, exclude=all_but_head)
+    pages.release(head)
+    pages.trim_heap()
+    blocks = model.transformer.h
+    for block in progress(blocks, len(blocks), f"quantizing to {mode}", show_progress, unit="block"):
+        weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        quantize_model(block, mode, group_size)
+        for weight in weights:
+            pages.release(weight)
+        pages.trim_heap()
+
+
+def _load_bitsandbytes(config: Config, state_dict: dict, device: torch.device, dtype: torch.dtype, mode: str) -> GPT:
+    """The tutorial's bitsandbytes modes, through Lightning Fabric's plugin (as lit-gpt does it).
+
+    The Linear layers become bitsandbytes layers and each weight is quantized as it is loaded.
+    """
+    if device.type != "cuda":
+        raise InvalidArgument("quantize", f"{mode} needs a CUDA GPU (bitsandbytes' kernels); on this machine use "
+                              "int8 or int4")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InvalidArgument("quantize", f"{mode} needs bitsandbytes: pip install bitsandbytes")
+    import lightning as L
+    from lightning.fabric.plugins import BitsandbytesPrecision
+
+    fabric = L.Fabric(devices=1, accelerator="cuda", plugins=BitsandbytesPrecision(mode[len("bnb."):], dtype))
+    with fabric.init_module(empty_init=True):
+        model = GPT(config)
+    model.load_state_dict(state_dict, strict=True)
+    model.reset_rope_cache(device)
+    return model.eval()
+
+
+class _FilePages:
+    """Hands memory back to the OS while a memory-mapped checkpoint is converted or quantized.
+
+    Pages of a file mapping that were read stay counted as resident while the mapping lives (and it
+    lives as long as any tensor from the file). After a tensor was converted or quantized, its pages
+    are dropped with madvise(MADV_DONTNEED): the mapping is private and never written, so a page
+    that is read again is simply read from the file again. Only ranges inside the mapping are touched.
+    glibc also keeps freed temporaries (the quantizer's float chunks) in its heap; malloc_trim returns them.
+    """
+
+    def __init__(self, tensors) -> None:
+        cpu = [t for t in tensors if t.device.type == "cpu" and t.numel()]
+        self.start = min((t.data_ptr() for t in cpu), default=0)
+        self.end = max((t.data_ptr() + t.nbytes for t in cpu), default=0)
+        try:
+            import ctypes
+
+            self.libc = ctypes.CDLL(None, use_errno=True)
+            self.libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            self.libc.malloc_trim  # glibc only
+        except (OSError, AttributeError):  # not Linux/glibc: memory is left to the OS
+            self.libc = None
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if self.libc is None or tensor.device.type != "cpu":
+            return
+        begin, end = tensor.data_ptr(), tensor.data_ptr() + tensor.nbytes
+        if not (self.start <= begin and end <= self.end):
+            return  # not from the file (already converted): never drop anonymous memory
+        begin = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor only
+        end = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            self.libc.madvise(begin, end - begin, mmap.MADV_DONTNEED)
+
+    def trim_heap(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
