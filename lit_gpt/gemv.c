@@ -314,7 +314,13 @@ int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_ze
 // weights). Here each (sequence, head) is one loop over the cache: scores in fp32, softmax, weighted sum
 // of the values, reading keys and values once.
 
-#define MAX_HEAD_SIZE 256
+// The longest head attend_one takes (its query and accumulators stay in registers, 16 floats each). Set in one
+// place, lit_gpt/gemv.py, which passes it to the compiler (-DMAX_HEAD_SIZE=...) and checks heads against it.
+#ifndef MAX_HEAD_SIZE
+#error "MAX_HEAD_SIZE is not set: lit_gpt/gemv.py builds this file with -DMAX_HEAD_SIZE=..."
+#elif MAX_HEAD_SIZE % 16 != 0
+#error "MAX_HEAD_SIZE must be a multiple of 16 (one AVX-512 register of floats)"
+#endif
 
 static inline __m512 exp16(__m512 x) {  // e^x for x <= 0: 2^n * e^r, |r| <= ln2 / 2, Taylor to r^7 (~1e-8)
     __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504f));

@@ -26,8 +26,9 @@ from lit_gpt.utils import atomic_path, first_line
 
 SOURCE = Path(__file__).with_name("gemv.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi")
+MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
-          "-mavx512vbmi", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+          "-mavx512vbmi", "-mfma", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}"]
 
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
@@ -42,15 +43,27 @@ def _cpu_has_flags() -> bool:
     return set(CPU_FLAGS) <= set(flags.split(":", 1)[1].split())
 
 
+def _compiler() -> tuple[str, bytes]:
+    """The C compiler ($CC, else cc) as found on PATH, and what identifies it for the build cache: its resolved
+    path and --version output (another compiler or version builds its own library)."""
+    name = os.environ.get("CC", "cc")
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"no C compiler ({name}) on PATH")
+    try:
+        proc = subprocess.run([path, "--version"], capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{name} --version failed: {first_line(e)}")
+    return path, b"\0".join((os.path.realpath(path).encode(), proc.stdout, proc.stderr))
+
+
 def _build() -> Path:
-    """Compile gemv.c unless a build of this source is cached; return the library's path."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    """Compile gemv.c unless a build of this source, these flags and this compiler is cached; return its path."""
+    compiler, identity = _compiler()
+    key = hashlib.sha256(b"\0".join((SOURCE.read_bytes(), " ".join(CFLAGS).encode(), identity))).hexdigest()[:16]
     library = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lit_gpt" / f"gemv-{key}.so"
     if library.is_file():
         return library
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler ({compiler}) on PATH")
     library.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(library) as tmp:  # concurrent first runs each build, and the last rename wins
         proc = subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
@@ -159,9 +172,6 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     if torch.compiler.is_compiling():
         return torch.ops.lit_gpt.linear_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
     return _gemv_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
-
-
-MAX_HEAD_SIZE = 256  # as in gemv.c
 
 
 def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -201,16 +201,46 @@ def test_a_failing_compiler_gives_one_note_and_falls_back(tmp_path):
     assert not list(tmp_path.rglob("*.so*"))  # no half-built library left in the cache
 
 
+def _compiler(tmp_path: Path, name: str, version: str = "") -> str:
+    """A C compiler that passes everything on to cc, but fails a build where $CC_REFUSE is set, and appends
+    `version` to what `--version` says (a compiler of its own for the build cache)."""
+    script = tmp_path / name
+    script.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then cc --version; echo "{version}"; exit 0; fi\n'
+                      '[ -z "$CC_REFUSE" ] || exit 1\nexec cc "$@"\n')
+    script.chmod(0o755)
+    return str(script)
+
+
 @needs_kernels
 def test_built_once_then_loaded_from_the_cache(tmp_path):
-    first = _probe(tmp_path)
+    cc = _compiler(tmp_path, "cc-wrapper")
+    first = _probe(tmp_path, CC=cc)
     assert first.returncode == 0 and first.stdout.split() == ["True", "True"], first.stderr
     built = list((tmp_path / "lit_gpt").glob("gemv-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    second = _probe(tmp_path, CC="false")  # a rebuild would fail: the cached library must be used
+    second = _probe(tmp_path, CC=cc, CC_REFUSE="1")  # a rebuild would fail: the cached library must be used
     assert second.stdout.split() == ["True", "True"], second.stderr
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@needs_kernels
+def test_another_compiler_builds_a_library_of_its_own(tmp_path):
+    """The build cache is keyed by the compiler (its path and --version) besides the source and the flags."""
+    for name, version in (("cc-wrapper", "1"), ("cc-wrapper", "2"), ("cc-other", "2")):
+        proc = _probe(tmp_path, CC=_compiler(tmp_path, name, version))
+        assert proc.stdout.split() == ["True", "True"], proc.stderr
+    assert len(list((tmp_path / "lit_gpt").glob("gemv-*.so"))) == 3
+
+
+@needs_kernels
+def test_the_source_takes_max_head_size_from_the_build(tmp_path):
+    """MAX_HEAD_SIZE is set in one place, gemv.py's flags: gemv.c does not build without it."""
+    flags = [f for f in gemv.CFLAGS if not f.startswith("-DMAX_HEAD_SIZE=")]
+    assert len(flags) == len(gemv.CFLAGS) - 1
+    proc = subprocess.run([os.environ.get("CC", "cc"), *flags, str(gemv.SOURCE), "-o", str(tmp_path / "gemv.so")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "MAX_HEAD_SIZE" in proc.stderr
 
 
 @needs_kernels
