@@ -5,9 +5,14 @@ weights stream from memory. PyTorch's CPU kernels stream bf16 weights at ~60-75%
 on these machines and its packed int8 kernel does worse; gemv.c reads each weight row once, front to
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
-The library is compiled on first use with the system C compiler (~1 s) into ~/.cache/lit_gpt and
-loaded with ctypes. Where that is not possible (no compiler, a CPU without those instructions, another OS)
-or LIT_GPT_GEMV=0 is set, `available()` is False and the model uses PyTorch's kernels.
+One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one` and `attend_decode` return
+the result, or None where the kernels cannot take these inputs (more than one row, other dtypes or shapes,
+autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch.
+The first call compiles the library with the system C compiler (~1 s) into
+~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
+instructions, another OS) or LIT_GPT_GEMV=0 is set, every call returns None and `available()` is False.
+Under torch.compile the same calls trace to custom ops; the library must be loaded before tracing (call
+`available()` first, as `lit_gpt.generate.compile_decode` does), or they return None there.
 """
 
 import ctypes
@@ -18,9 +23,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
 from lit_gpt.utils import atomic_path, first_line
 
@@ -29,10 +35,14 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "a
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
           "-mavx512vbmi", "-mfma", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}"]
+BF16 = torch.bfloat16
 
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
 _loaded = False  # a plain bool for torch.compile to read (it does not trace ctypes objects)
+
+
+# ---- building and loading the library -----------------------------------------------------------------
 
 
 def _cpu_has_flags() -> bool:
@@ -73,6 +83,7 @@ def _build() -> Path:
 
 
 def _load() -> Optional[ctypes.CDLL]:
+    """The library, built and loaded on the first call (None where it cannot be: a one-line note says why)."""
     global _lib, _tried, _loaded
     if _tried:
         return _lib
@@ -87,15 +98,9 @@ def _load() -> Optional[ctypes.CDLL]:
         print(f"note: lit_gpt's AVX-512 decode kernels are not available ({first_line(e)}); "
               "using PyTorch's", file=sys.stderr)
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.gemv_bf16.argtypes = [p, p, p, p, i64, i64]
-    lib.gemv_int8.argtypes = [p, p, p, p, p, i64, i64]
-    lib.gemv_int4.argtypes = [p, p, p, p, p, i64, i64, i64, i64]
-    lib.attend_one.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float]
-    lib.attend_decode.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float]
-    lib.gemv_bf16.restype = None
-    for fn in (lib.gemv_int8, lib.gemv_int4, lib.attend_one, lib.attend_decode):
-        fn.restype = ctypes.c_int  # 0, or -1: its scratch memory could not be allocated
+    for kernel in KERNELS:
+        fn = getattr(lib, kernel.name)
+        fn.argtypes, fn.restype = kernel.argtypes, kernel.restype
     _lib, _loaded = lib, True
     return _lib
 
@@ -105,10 +110,111 @@ def available() -> bool:
     return _load() is not None
 
 
-def usable(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether the kernels can take these tensors (None for a missing one): contiguous, on the CPU,
-    for inference only (no autograd), with the kernels built (under torch.compile: built beforehand,
-    as `lit_gpt.generate.compile_decode` does)."""
+# ---- the C functions, each declared once ----------------------------------------------------------------
+
+
+class _Kernel:
+    """A function of gemv.c: its C signature (given to ctypes when the library loads) and `run`, which calls it on
+    tensors. With an `op` name, torch.compile traces the custom op lit_gpt::<op> in its place: opaque to
+    inductor, which fuses the small ops around it and, unlike its own GEMMs, keeps no packed copy of the weights.
+    `run`'s type hints are the op's schema, and `empty` (the output, allocated) its fake implementation."""
+
+    def __init__(self, name: str, restype: Optional[type], argtypes: tuple, run: Callable[..., Tensor],
+                 op: Optional[str] = None, empty: Optional[Callable[..., Tensor]] = None) -> None:
+        self.name, self.restype, self.argtypes, self.run, self.op = name, restype, argtypes, run, None
+        if op is not None:
+            torch.library.custom_op(f"lit_gpt::{op}", run, mutates_args=()).register_fake(empty)
+            self.op = getattr(torch.ops.lit_gpt, op)
+
+    def __call__(self, *args) -> Tensor:
+        # eager: a plain ctypes call (~3 us; the custom op's dispatch would add ~7 us, ~130 times per decode step)
+        if self.op is not None and torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.run(*args)
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int) -> None:
+    # the int8/int4 products and the attention return -1 where their scratch memory could not be allocated
+    if status != 0:
+        raise MemoryError("out of memory for the decode kernels' scratch buffers (lit_gpt/gemv.c)")
+
+
+def _rows_empty(x: Tensor, weight: Tensor, *_) -> Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _run_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    x, y = x.contiguous(), _rows_empty(x, weight)
+    _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
+    return y
+
+
+def _run_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
+    x, y = x.contiguous(), _rows_empty(x, weight)
+    _check(_lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape))
+    return y
+
+
+def _int4_empty(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optional[Tensor], out_features: int,
+                group_size: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _run_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optional[Tensor], out_features: int,
+              group_size: int) -> Tensor:
+    x, y = x.contiguous(), _int4_empty(x, packed, scales_and_zeros, bias, out_features, group_size)
+    _check(_lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(),
+                          packed.shape[0], out_features, x.shape[-1], group_size))
+    return y
+
+
+def _attend_empty(q: Tensor, *_) -> Tensor:
+    return torch.empty_like(q)
+
+
+def _run_attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float) -> Tensor:
+    B, n_head, _, head_size = q.shape
+    length = int(input_pos.reshape(-1)[-1]) + 1  # (checked here: under torch.compile the position is not known before)
+    if not 1 <= length <= k.shape[2]:
+        raise IndexError(f"position {length - 1} is outside the cache of {k.shape[2]} positions")
+    q = q.contiguous()
+    y = _attend_empty(q)
+    _check(_lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2],
+                           length, head_size, scale))
+    return y
+
+
+def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, length: int, n_head: int,
+                       rope_n_elem: int, scale: float) -> Tensor:
+    B, n_groups, S, head_size = k.shape
+    y = qkv.new_empty(B, 1, n_head * head_size)
+    cos, sin = cos.float(), sin.float()  # (exact: the kernel rounds them to bf16, as the PyTorch path does)
+    _check(_lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
+                              B, n_head, n_groups, S, length - 1, head_size, rope_n_elem, scale))
+    return y
+
+
+_P, _I64, _F32, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_GEMV_BF16 = _Kernel("gemv_bf16", None, (_P,) * 4 + (_I64,) * 2, _run_bf16, "linear_bf16", _rows_empty)
+_GEMV_INT8 = _Kernel("gemv_int8", _STATUS, (_P,) * 5 + (_I64,) * 2, _run_int8, "linear_int8", _rows_empty)
+_GEMV_INT4 = _Kernel("gemv_int4", _STATUS, (_P,) * 5 + (_I64,) * 4, _run_int4, "linear_int4", _int4_empty)
+_ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 6 + (_F32,), _run_attend_one, "attend_one",
+                      _attend_empty)
+# eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
+_ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 7 + (_F32,), _run_attend_decode)
+KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE)
+
+
+# ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
+
+
+def _usable(*tensors: Optional[Tensor]) -> bool:
+    """Whether the kernels can run on these tensors (None for a missing bias): contiguous, on the CPU, for
+    inference only (no autograd), with the library loaded (under torch.compile: loaded beforehand)."""
     # plain loops and attribute checks: a decode step asks ~160 times (generators and t.device cost
     # ~2 ms per step)
     for t in tensors:
@@ -118,162 +224,82 @@ def usable(*tensors: Optional[torch.Tensor]) -> bool:
         for t in tensors:
             if t is not None and t.requires_grad:
                 return False
-    return _loaded if torch.compiler.is_compiling() else available()
+    return _loaded if torch.compiler.is_compiling() else _load() is not None
 
 
-def takes(x: torch.Tensor, weight: torch.Tensor, weight_dtype: torch.dtype, in_features: int,
-          *bf16_tensors: Optional[torch.Tensor]) -> bool:
-    """Whether x is one bf16 row that the kernels can multiply by a layer: its weight stored as
-    `weight_dtype`, and its other tensors (scales, bias; None for a missing one) in bf16."""
-    if x.numel() != in_features or x.dtype != torch.bfloat16 or weight.dtype != weight_dtype:
-        return False
-    for t in bf16_tensors:
-        if t is not None and t.dtype != torch.bfloat16:
-            return False
-    return usable(x, weight, *bf16_tensors)
+def _one_row(x: Tensor, in_features: int) -> bool:
+    return x.dtype == BF16 and x.numel() == x.shape[-1] == in_features
 
 
-def _out(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
+def _bf16_vector(t: Optional[Tensor], n: int) -> bool:
+    """Whether t (None: a missing bias, which is fine) holds n bf16 values."""
+    return t is None or (t.dtype == BF16 and t.numel() == n)
 
 
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
+def linear_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """F.linear(x, weight, bias) for one bf16 row x, a bf16 weight (out_features, in_features) and bias; None
+    where the kernels cannot take these inputs."""
+    if (weight.dtype == BF16 and weight.dim() == 2 and _one_row(x, weight.shape[1])
+            and _bf16_vector(bias, weight.shape[0]) and _usable(x, weight, bias)):
+        return _GEMV_BF16(x, weight, bias)
+    return None
 
 
-def _check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("out of memory for the decode kernels' scratch buffers (lit_gpt/gemv.c)")
+def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
+    """x @ (weight * scales[:, None]).T + bias for one bf16 row x, an int8 weight (out_features, in_features) and
+    bf16 scales and bias; None where the kernels cannot take these inputs."""
+    if (weight.dtype == torch.int8 and weight.dim() == 2 and _one_row(x, weight.shape[1])
+            and _bf16_vector(scales, weight.shape[0]) and _bf16_vector(bias, weight.shape[0])
+            and _usable(x, weight, scales, bias)):
+        return _GEMV_INT8(x, weight, scales, bias)
+    return None
 
 
-# In eager mode each kernel is a plain ctypes call (~3 us; the custom op's dispatch would add ~7 us, and a
-# decode step makes ~130 of them). Under torch.compile they are custom ops: opaque to inductor, which fuses
-# the small ops around them and, unlike its own GEMMs, keeps no packed copy of the weights.
+def linear_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optional[Tensor], out_features: int,
+                group_size: int) -> Optional[Tensor]:
+    """One bf16 row x times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
+    padded to a multiple of 64), W = (q - 8) * scale + zero per group of group_size inputs, plus bias; bf16
+    scales_and_zeros (in_features / group_size, rows, 2) and bias. None where the kernels cannot take these
+    inputs. The caller knows that this torch packs int4 in that layout (lit_gpt.quantize checks it)."""
+    rows, K = packed.shape[0], x.shape[-1]
+    if (packed.dtype == torch.uint8 and _one_row(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
+            and 0 < out_features <= rows and group_size > 0 and group_size % 4 == 0 and K % group_size == 0
+            and scales_and_zeros.dtype == BF16 and scales_and_zeros.shape == (K // group_size, rows, 2)
+            and _bf16_vector(bias, out_features) and _usable(x, packed, scales_and_zeros, bias)):
+        return _GEMV_INT4(x, packed, scales_and_zeros, bias, out_features, group_size)
+    return None
 
 
-def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear(x, weight, bias) for one row: bf16 weight and bias (where `takes` says so)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lit_gpt.linear_bf16(x, weight, bias)
-    return _gemv_bf16(x, weight, bias)
-
-
-def linear_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ (weight * scales[:, None]).T + bias for one row: int8 weight, bf16 scales and bias (where `takes` says so)."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lit_gpt.linear_int8(x, weight, scales, bias)
-    return _gemv_int8(x, weight, scales, bias)
-
-
-def linear_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
-                out_features: int, group_size: int) -> torch.Tensor:
-    """One row times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
-    padded to a multiple of 64), W = (q - 8) * scale + zero per group; bf16 scales, zeros and bias."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lit_gpt.linear_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
-    return _gemv_int4(x, packed, scales_and_zeros, bias, out_features, group_size)
-
-
-def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attend_one` can take this decode step: one query per sequence, bf16 cache and query."""
-    return (q.size(2) == 1 and q.size(-1) <= MAX_HEAD_SIZE
-            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and usable(k, v))
-
-
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float) -> torch.Tensor:
+def attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float) -> Optional[Tensor]:
     """Softmax attention of one query per sequence and head over cached positions 0 .. input_pos.
 
-    q: (B, n_head, 1, head_size); k, v: the whole cache (B, n_groups, max_seq_length, head_size), contiguous;
-    all bf16; input_pos: the query's position (one element). Returns (B, n_head, 1, head_size), as
-    F.scaled_dot_product_attention would."""
-    if torch.compiler.is_compiling():
-        return torch.ops.lit_gpt.attend_one(q, k, v, input_pos, scale)
-    return _attend(q, k, v, input_pos, scale)
+    q: (B, n_head, 1, head_size); k, v: the whole cache (B, n_groups, max_seq_length, head_size), n_head a
+    multiple of n_groups; all bf16; input_pos: the query's position (one element). Returns
+    (B, n_head, 1, head_size), as F.scaled_dot_product_attention would; None where the kernels cannot take it."""
+    if (q.dim() == 4 and q.shape[2] == 1 and q.shape[3] <= MAX_HEAD_SIZE and q.dtype == k.dtype == v.dtype == BF16
+            and k.dim() == 4 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3]
+            and q.shape[1] % k.shape[1] == 0 and _usable(q, k, v)):
+        return _ATTEND_ONE(q, k, v, input_pos, scale)
+    return None
 
 
-def takes_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 length: int) -> bool:
-    """Whether `attend_decode` can take this step: eager (under torch.compile inductor fuses the small ops
-    itself and calls `attend_one`), one bf16 query row per sequence, a bf16 cache with room for `length`
-    positions."""
-    return (not torch.compiler.is_compiling() and qkv.size(1) == 1 and qkv.dtype == k.dtype == v.dtype == torch.bfloat16
-            and cos.is_floating_point() and k.size(-1) <= MAX_HEAD_SIZE and 1 <= length <= k.size(2)
-            and usable(qkv, cos, sin, k, v))
-
-
-def attend_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  length: int, n_head: int, rope_n_elem: int, scale: float) -> torch.Tensor:
-    """A decode step's attention, from the fused qkv row to the heads' outputs, in one call.
+def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, length: int, n_head: int,
+                  rope_n_elem: int, scale: float) -> Optional[Tensor]:
+    """A decode step's attention, from the fused qkv row to the heads' outputs, in one call (eager only).
 
     qkv: (B, 1, n_groups * (n_head / n_groups + 2) * head_size), per group its query heads, key and value;
-    cos, sin: (1, rope_n_elem) rotary tables at the new position, length - 1; k, v: the cache
+    cos, sin: (1, rope_n_elem) rotary tables at the new position, length - 1; k, v: a cache
     (B, n_groups, max_seq_length, head_size), into which the new key (rotated) and value are written.
     Returns (B, 1, n_head * head_size): attention over positions 0 .. length - 1, as CausalSelfAttention
-    computes it in PyTorch (the rotary embedding rounded to bf16 the same way)."""
+    computes it in PyTorch (the rotary embedding rounded to bf16 the same way). None, with k and v untouched,
+    where the kernels cannot take the step (under torch.compile too: inductor fuses these ops itself)."""
+    if torch.compiler.is_compiling() or qkv.dim() != 3 or k.dim() != 4:
+        return None
     B, n_groups, S, head_size = k.shape
-    y = torch.empty(B, 1, n_head * head_size, dtype=torch.bfloat16)
-    cos, sin = cos.float(), sin.float()  # (exact: the kernel rounds them to bf16, as the PyTorch path does)
-    _check(_lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
-                              B, n_head, n_groups, S, length - 1, head_size, rope_n_elem, scale))
-    return y
-
-
-def _gemv_bf16(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    x = x.contiguous()
-    y = _out(x, weight.shape[0])
-    _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
-    return y
-
-
-def _gemv_int8(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    x = x.contiguous()
-    y = _out(x, weight.shape[0])
-    _check(_lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape))
-    return y
-
-
-def _gemv_int4(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: Optional[torch.Tensor],
-               out_features: int, group_size: int) -> torch.Tensor:
-    x = x.contiguous()
-    y = _out(x, out_features)
-    rows, in_features = scales_and_zeros.shape[1], x.shape[-1]
-    _check(_lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(), rows,
-                          out_features, in_features, group_size))
-    return y
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor, scale: float) -> torch.Tensor:
-    B, n_head, _, head_size = q.shape
-    q = q.contiguous()
-    y = torch.empty_like(q)
-    length = int(input_pos.reshape(-1)[-1]) + 1
-    _check(_lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2],
-                           length, head_size, scale))
-    return y
-
-
-# the same functions as custom ops, for torch.compile
-_linear_bf16 = torch.library.custom_op("lit_gpt::linear_bf16", _gemv_bf16, mutates_args=())
-_linear_int8 = torch.library.custom_op("lit_gpt::linear_int8", _gemv_int8, mutates_args=())
-_linear_int4 = torch.library.custom_op("lit_gpt::linear_int4", _gemv_int4, mutates_args=())
-_attend_one = torch.library.custom_op("lit_gpt::attend_one", _attend, mutates_args=())
-
-
-@_linear_bf16.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@_linear_int8.register_fake
-def _(x, weight, scales, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-@_linear_int4.register_fake
-def _(x, packed, scales_and_zeros, bias, out_features, group_size):
-    return x.new_empty(*x.shape[:-1], out_features)
-
-
-@_attend_one.register_fake
-def _(q, k, v, input_pos, scale):
-    return torch.empty_like(q)
+    if (qkv.shape[:2] == (B, 1) and qkv.dtype == k.dtype == v.dtype == BF16 and k.shape == v.shape
+            and n_head % n_groups == 0 and qkv.shape[2] == (n_head + 2 * n_groups) * head_size
+            and head_size <= MAX_HEAD_SIZE and 1 <= length <= S and 0 <= rope_n_elem <= head_size
+            and rope_n_elem % 2 == 0 and cos.is_floating_point() and sin.is_floating_point()
+            and cos.numel() == sin.numel() == rope_n_elem and _usable(qkv, cos, sin, k, v)):
+        return _ATTEND_DECODE(qkv, cos, sin, k, v, length, n_head, rope_n_elem, scale)
+    return None

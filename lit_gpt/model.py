@@ -111,9 +111,8 @@ class Linear(nn.Linear):
     go through our AVX-512 kernel (lit_gpt/gemv.py) where the CPU and a C compiler allow."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.takes(x, self.weight, torch.bfloat16, self.in_features, self.bias):
-            return gemv.linear_bf16(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        y = gemv.linear_bf16(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias) if y is None else y
 
 
 @contextmanager
@@ -165,8 +164,8 @@ class CausalSelfAttention(nn.Module):
         qkv = self.attn(x)
         if input_pos is not None and self.kv_cache is not None:
             cache = self.kv_cache
-            if gemv.takes_decode(qkv, cos, sin, cache.k, cache.v, attend[0]):  # an eager decode step on CPU
-                y = gemv.attend_decode(qkv, cos, sin, cache.k, cache.v, attend[0], c.n_head, c.rope_n_elem, scale)
+            y = gemv.attend_decode(qkv, cos, sin, cache.k, cache.v, attend[0], c.n_head, c.rope_n_elem, scale)
+            if y is not None:  # an eager decode step on CPU
                 return self.proj(y)
 
         qkv = qkv.view(B, T, c.n_query_groups, q_per_kv + 2, c.head_size)
@@ -185,9 +184,8 @@ class CausalSelfAttention(nn.Module):
                 raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
             k, v = self.kv_cache.update(input_pos, k, v)
             end, mask = attend
-            if gemv.takes_attention(q, k, v):  # a decode step on CPU (see gemv.c); needs no mask
-                y = gemv.attend_one(q, k, v, input_pos, scale)
-            else:
+            y = gemv.attend_one(q, k, v, input_pos, scale)  # a decode step on CPU (see gemv.c); needs no mask
+            if y is None:
                 k, v = k[:, :, :end], v[:, :, :end]
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q_per_kv > 1)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)

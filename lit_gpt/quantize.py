@@ -155,8 +155,9 @@ class Int8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if gemv.takes(x, self.weight, torch.int8, self.in_features, self.scales, self.bias):
-            return gemv.linear_int8(x, self.weight, self.scales, self.bias)  # a decode step on CPU
+        y = gemv.linear_int8(x, self.weight, self.scales, self.bias)  # a decode step on CPU
+        if y is not None:
+            return y
         x2 = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
         if x.device.type == "cpu":
@@ -324,9 +325,10 @@ class Int4Linear(nn.Module):
         return torch.cat(packed) if len(packed) > 1 else packed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv_layout and gemv.takes(x, self.weight, torch.uint8, self.in_features, self.scales_and_zeros,
-                                           self.bias):
-            return gemv.linear_int4(x, self.weight, self.scales_and_zeros, self.bias, self.out_features, self.group_size)
+        if self.gemv_layout:  # a decode step on CPU
+            y = gemv.linear_int4(x, self.weight, self.scales_and_zeros, self.bias, self.out_features, self.group_size)
+            if y is not None:
+                return y
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x.device.type == "cpu":
             sz = self.scales_and_zeros.to(x.dtype)

@@ -41,14 +41,16 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 class Spy:
-    """Counts calls to a gemv function and passes them through to the real one."""
+    """Counts the calls to a gemv function that the kernels took (returned a result, not None), passing them
+    through to the real one."""
 
     def __init__(self, monkeypatch, name: str) -> None:
         self.calls, real = 0, getattr(gemv, name)
 
         def spy(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
+            result = real(*args, **kwargs)
+            self.calls += result is not None
+            return result
 
         monkeypatch.setattr(gemv, name, spy)
 
@@ -170,6 +172,95 @@ def test_same_result_with_one_and_two_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # each row is summed by one thread, in the same order
+
+
+def _bf16(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+W, X, Q, K = _bf16(64, 32), _bf16(1, 32), _bf16(1, 2, 1, 16), _bf16(1, 2, 8, 16)
+QKV, COS, POS = _bf16(1, 1, 96), torch.ones(1, 8), torch.tensor([3])  # 2 heads, 2 groups: 2 * 3 * 16
+INT4, INT4_SZ = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 64, 2)
+DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok` call that they take
+    "ok": lambda: gemv.linear_bf16(X, W, None),
+    "float32 row": lambda: gemv.linear_bf16(X.float(), W, None),
+    "float32 weight": lambda: gemv.linear_bf16(X, W.float(), None),
+    "two rows": lambda: gemv.linear_bf16(X.expand(2, 32).contiguous(), W, None),
+    "row of another width": lambda: gemv.linear_bf16(X[:, :16], W, None),
+    "bias of another size": lambda: gemv.linear_bf16(X, W, _bf16(8)),
+    "float32 bias": lambda: gemv.linear_bf16(X, W, torch.zeros(64)),
+    "non-contiguous weight": lambda: gemv.linear_bf16(X, W.t().contiguous().t(), None),
+    "weight needing grad": lambda: gemv.linear_bf16(X, W.clone().requires_grad_(), None),
+    "meta device": lambda: gemv.linear_bf16(X.to("meta"), W.to("meta"), None),
+    "int8 ok": lambda: gemv.linear_int8(X, W.to(torch.int8), _bf16(64), None),
+    "int8 float32 scales": lambda: gemv.linear_int8(X, W.to(torch.int8), torch.ones(64), None),
+    "int8 bf16 weight": lambda: gemv.linear_int8(X, W, _bf16(64), None),
+    "int4 ok": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 60, 32),
+    "int4 rows not whole blocks of 64": lambda: gemv.linear_int4(X, INT4[:48], INT4_SZ[:, :48], None, 40, 32),
+    "int4 group size not dividing": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 60, 24),
+    "int4 more outputs than rows": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 65, 32),
+    "attend_one ok": lambda: gemv.attend_one(Q, K, K, POS, 0.25),
+    "attend_one two queries": lambda: gemv.attend_one(Q.expand(1, 2, 2, 16).contiguous(), K, K, POS, 0.25),
+    "attend_one head over MAX_HEAD_SIZE": lambda: gemv.attend_one(
+        _bf16(1, 2, 1, gemv.MAX_HEAD_SIZE + 16), *[_bf16(1, 2, 8, gemv.MAX_HEAD_SIZE + 16)] * 2, POS, 0.25),
+    "attend_one float32 cache": lambda: gemv.attend_one(Q, K.float(), K.float(), POS, 0.25),
+    "attend_decode ok": lambda: gemv.attend_decode(QKV, COS, COS, K.clone(), K.clone(), 4, 2, 8, 0.25),
+    "attend_decode past the cache": lambda: gemv.attend_decode(QKV, COS, COS, K.clone(), K.clone(), 9, 2, 8, 0.25),
+    "attend_decode two tokens": lambda: gemv.attend_decode(QKV.expand(1, 2, 96).contiguous(), COS, COS, K.clone(),
+                                                           K.clone(), 4, 2, 8, 0.25),
+    "attend_decode qkv of another width": lambda: gemv.attend_decode(QKV[..., :80], COS, COS, K.clone(), K.clone(),
+                                                                     4, 2, 8, 0.25),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", DECLINED)
+def test_operations_decline_what_the_kernels_cannot_take(case):
+    """Each operation returns None (for PyTorch to compute) for inputs the kernels cannot take, and a result for
+    the same call without the defect."""
+    y = DECLINED[case]()
+    assert (y is not None) == case.endswith("ok"), case
+
+
+def test_without_kernels_every_operation_declines(tmp_path):
+    code = ("import torch; from lit_gpt import gemv; bf16 = torch.bfloat16; x = torch.ones(1, 64, dtype=bf16); "
+            "print(gemv.linear_bf16(x, torch.ones(8, 64, dtype=bf16), None) is None, "
+            "gemv.linear_int8(x, torch.ones(8, 64, dtype=torch.int8), torch.ones(8, dtype=bf16), None) is None, "
+            "gemv.attend_one(torch.ones(1, 1, 1, 8, dtype=bf16), *[torch.ones(1, 1, 4, 8, dtype=bf16)] * 2, "
+            "torch.tensor([1]), 1.0) is None, gemv.available())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), "LIT_GPT_GEMV": "0"})
+    assert proc.stdout.split() == ["True", "True", "True", "False"], proc.stderr
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_kernels
+def test_the_first_call_loads_the_kernels(tmp_path):
+    """No need to ask first: an operation's first call builds and loads the library."""
+    code = ("import torch; from lit_gpt import gemv; w, x = torch.randn(8, 64), torch.randn(1, 64); "
+            "y = gemv.linear_bf16(x.bfloat16(), w.bfloat16(), None); "
+            "print(y is not None and bool(((y.float() - x.bfloat16().float() @ w.bfloat16().float().t()).abs() < 0.1).all()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert proc.stdout.split() == ["True"], proc.stderr
+
+
+@needs_kernels
+@pytest.mark.parametrize(("kind", "op"), [("bf16", "linear_bf16"), ("int8", "linear_int8"), ("int4", "linear_int4")])
+def test_under_torch_compile_the_same_calls_are_custom_ops(kind, op):
+    layer = _bf16_linear(256, 64) if kind == "bf16" else _quantized(kind, 256, 64)
+    x = _row(256)
+    assert gemv.available()  # loaded before tracing, as compile_decode does
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    with torch.inference_mode():
+        y = torch.compile(layer, backend=backend, fullgraph=True, dynamic=False)(x)
+        assert torch.equal(y, layer(x))
+    assert any(f"lit_gpt.{op}" in t for t in traced), traced
 
 
 PROBE = (
@@ -314,7 +405,7 @@ def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, 
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
     assert fused.calls == 7 * 2
-    monkeypatch.setattr(gemv, "takes_decode", lambda *args: False)  # the PyTorch ops, then attend_one
+    monkeypatch.setattr(gemv, "attend_decode", lambda *args: None)  # declined: the PyTorch ops, then attend_one
     separate = Spy(monkeypatch, "attend_one")
     logits_ref, caches_ref = decode()
     assert separate.calls == 7 * 2
