@@ -18,7 +18,7 @@ def pair(request, tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     config = tiny_hf_config(n_embd=n_embd, n_head=n_head, rotary=rotary, n_layer=2)
     hf = make_hf_checkpoint(d, config, scheme=scheme, tokenizer=False)
-    convert_hf_checkpoint(d, progress=False)
+    convert_hf_checkpoint(d, show_progress=False)
     return hf, load_model(d)
 
 
