@@ -5,7 +5,7 @@ Read top to bottom: GPT -> Block -> CausalSelfAttention / MLP -> rotary helpers 
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -83,27 +83,35 @@ class GPT(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds the model's context {self.config.block_size}")
             cos, sin = self.cos[:T], self.sin[:T]
-            attend = None
+            window = None
         else:
             cos, sin = self.cos[input_pos], self.sin[input_pos]
-            attend = self.attention_window(input_pos)
+            window = self.attention_window(input_pos)
 
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
-            x = block(x, cos, sin, input_pos, attend)
+            x = block(x, cos, sin, input_pos, window)
         return self.lm_head(self.transformer.ln_f(x))
 
-    def attention_window(self, input_pos: torch.Tensor) -> tuple[int, Optional[torch.Tensor]]:
-        """How many cache slots the queries look at, and the mask over them (None: see all)."""
+    def attention_window(self, input_pos: torch.Tensor) -> "Window":
+        """The cache slots the queries at `input_pos` look at."""
         if torch.compiler.is_compiling():
             # static shapes: attend over the whole cache, masked (one graph for every step)
-            return self.max_seq_length, self.causal_mask[input_pos]
+            return Window(self.max_seq_length, self.causal_mask[input_pos])
         # eager: read only the filled part of the cache (the positions are on the host for free on CPU;
         # on GPU this is one tiny sync per step)
         end = int(input_pos[-1]) + 1
         if input_pos.numel() == 1:
-            return end, None
-        return end, self.causal_mask[input_pos, :end]
+            return Window(end, None)
+        return Window(end, self.causal_mask[input_pos, :end])
+
+
+class Window(NamedTuple):
+    """What a forward with `input_pos` attends to: cache positions 0 .. length - 1, through `mask` (T, length)
+    (None: all of them, as for a single query at position length - 1)."""
+
+    length: int
+    mask: Optional[torch.Tensor]
 
 
 class Linear(nn.Linear):
@@ -139,10 +147,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, input_pos, attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor],
+                window: Optional[Window]) -> torch.Tensor:
         h = self.norm_1(x)
         # parallel residual: attention and MLP both read the same normalized input
-        return x + self.attn(h, cos, sin, input_pos, attend) + self.mlp(h)
+        return x + self.attn(h, cos, sin, input_pos, window) + self.mlp(h)
 
 
 class CausalSelfAttention(nn.Module):
@@ -156,40 +165,47 @@ class CausalSelfAttention(nn.Module):
         self.config = config
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, input_pos, attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor],
+                window: Optional[Window]) -> torch.Tensor:
         B, T, _ = x.shape
         c = self.config
-        q_per_kv = c.n_head // c.n_query_groups
         scale = 1.0 / math.sqrt(c.head_size)
         qkv = self.attn(x)
-        if input_pos is not None and self.kv_cache is not None:
-            cache = self.kv_cache
-            y = gemv.attend_decode(qkv, cos, sin, cache.k, cache.v, attend[0], c.n_head, c.rope_n_elem, scale)
-            if y is not None:  # an eager decode step on CPU
+        if input_pos is None:
+            q, k, v = self.heads(qkv, cos, sin)
+            y = self.attention(q, k, v, None, scale, causal=True)
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
+            # an eager decode step on CPU: rotary embedding, cache write and attention in one kernel call
+            y = self.kv_cache.fused_decode(qkv, cos, sin, window.length, c.n_head, c.rope_n_elem, scale)
+            if y is not None:
                 return self.proj(y)
+            q, k, v = self.heads(qkv, cos, sin)
+            k, v = self.kv_cache.update(input_pos, k, v)
+            y = gemv.attend_one(q, k, v, input_pos, scale)  # a decode step on CPU (see gemv.c); needs no mask
+            if y is None:
+                y = self.attention(q, k[:, :, : window.length], v[:, :, : window.length], window.mask, scale)
+        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
+        return self.proj(y)
 
+    def heads(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q (B, n_head, T, hs), k and v (B, n_query_groups, T, hs) from the fused qkv (B, T, ...); q and k rotated."""
+        B, T, _ = qkv.shape
+        c = self.config
+        q_per_kv = c.n_head // c.n_query_groups
         qkv = qkv.view(B, T, c.n_query_groups, q_per_kv + 2, c.head_size)
         q, k, v = qkv.split((q_per_kv, 1, 1), dim=3)
         q = q.reshape(B, T, c.n_head, c.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.reshape(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
         v = v.reshape(B, T, c.n_query_groups, c.head_size).transpose(1, 2)
+        return apply_partial_rope(q, cos, sin, c.rope_n_elem), apply_partial_rope(k, cos, sin, c.rope_n_elem), v
 
-        q = apply_partial_rope(q, cos, sin, c.rope_n_elem)
-        k = apply_partial_rope(k, cos, sin, c.rope_n_elem)
-
-        if input_pos is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q_per_kv > 1)
-        else:
-            if self.kv_cache is None:
-                raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
-            k, v = self.kv_cache.update(input_pos, k, v)
-            end, mask = attend
-            y = gemv.attend_one(q, k, v, input_pos, scale)  # a decode step on CPU (see gemv.c); needs no mask
-            if y is None:
-                k, v = k[:, :, :end], v[:, :, :end]
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q_per_kv > 1)
-        y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
-        return self.proj(y)
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                  scale: float, causal: bool = False) -> torch.Tensor:
+        """PyTorch's attention of q over k, v: causal (a forward without the cache), or through `mask` (None: all)."""
+        gqa = self.config.n_head > self.config.n_query_groups
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -220,7 +236,8 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values, (B, n_query_groups, max_seq_length, head_size), written in place."""
+    """Preallocated keys and values, (B, n_query_groups, max_seq_length, head_size), written in place by its
+    methods only."""
 
     def __init__(self, batch_size, n_groups, max_seq_length, head_size, device, dtype) -> None:
         super().__init__()
@@ -228,7 +245,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys and values (B, n_query_groups, T, head_size) at the T positions `input_pos`; return the
+        whole cache."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
+
+    def fused_decode(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: int, n_head: int,
+                     rope_n_elem: int, scale: float) -> Optional[torch.Tensor]:
+        """A one-token decode step's attention in one kernel call (gemv.attend_decode), from the fused qkv row
+        (B, 1, ...): the new key, rotated, and value written at position length - 1, the new query attending to
+        positions 0 .. length - 1; returns (B, 1, n_head * head_size). None, with the cache untouched, where
+        the kernel does not take the step: rotate, `update` and attend in PyTorch then."""
+        return gemv.attend_decode(qkv, cos, sin, self.k, self.v, length, n_head, rope_n_elem, scale)

@@ -5,6 +5,8 @@ import torch
 
 from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
 from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+from lit_gpt.config import Config
+from lit_gpt.model import GPT, KVCache, Window
 
 # (n_embd, n_head, rotary share): head sizes 16, 20, 32 and 80; rotary dims 8, 8, 32 and 32
 SHAPES = [(64, 4, 0.5), (80, 4, 0.4), (96, 3, 1.0), (160, 2, 0.4)]
@@ -63,3 +65,27 @@ def test_cache_rejects_context_beyond_block_size(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="exceeds the model's context"):
         ours.set_kv_cache(batch_size=1, max_seq_length=ours.config.block_size + 1)
+
+
+# --- the attention window and the cache, without transformers ---
+
+
+def _tiny_gpt(dtype: torch.dtype = torch.float32) -> GPT:
+    config = Config.from_name("phi-1_5", n_layer=1, n_embd=64, n_head=2, intermediate_size=128, block_size=32,
+                              vocab_size=128, padded_vocab_size=128)
+    return GPT(config).to(dtype).eval()
+
+
+def test_the_attention_window_is_the_filled_cache_and_its_mask():
+    model = _tiny_gpt()
+    model.set_kv_cache(1, 16)
+    assert model.attention_window(torch.tensor([5])) == Window(6, None)  # one query sees every cached position
+    window = model.attention_window(torch.arange(2, 5))
+    assert window.length == 5 and torch.equal(window.mask, model.causal_mask[2:5, :5])
+
+
+def test_a_fused_step_the_kernel_declines_leaves_the_cache_untouched():
+    cache = KVCache(1, 2, 8, 16, torch.device("cpu"), torch.float32)  # float32: not for the bf16 kernel
+    qkv = torch.randn(1, 1, 2 * 3 * 16)
+    assert cache.fused_decode(qkv, torch.ones(1, 8), torch.zeros(1, 8), 1, 2, 8, 0.25) is None
+    assert not cache.k.any() and not cache.v.any()
