@@ -7,8 +7,8 @@ back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
 One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one` and `attend_decode` return
 the result, or None where the kernels cannot take these inputs (more than one row, other dtypes or shapes,
-autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch.
-The first call compiles the library with the system C compiler (~1 s) into
+autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
+inside `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
 ~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
 instructions, another OS) or LIT_GPT_GEMV=0 is set, every call returns None and `available()` is False.
 Under torch.compile the same calls trace to custom ops; the library must be loaded before tracing (call
@@ -22,8 +22,9 @@ import platform
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -303,3 +304,31 @@ def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, l
             and cos.numel() == sin.numel() == rope_n_elem and _usable(qkv, cos, sin, k, v)):
         return _ATTEND_DECODE(qkv, cos, sin, k, v, length, n_head, rope_n_elem, scale)
     return None
+
+
+# ---- where PyTorch computes instead --------------------------------------------------------------------
+
+
+@contextmanager
+def onednn_disabled() -> Iterator[None]:
+    """Send CPU matmuls to ATen's own kernels instead of oneDNN, for one-row (decode) steps that our
+    kernels do not take (other dtypes, or where gemv.c cannot be built).
+
+    With a single row, ATen runs a bf16/fp16 matrix-vector product with fp32 accumulation that streams
+    the weights at about the memory bandwidth; oneDNN's matmul reaches about 60% of it on these CPUs
+    (scripts/bench_kernels.py, phase bf16). With more rows oneDNN is the faster one, so it stays on.
+    """
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+def pytorch_fallback(x: Tensor, one_row: bool) -> ContextManager[None]:
+    """The scope of the PyTorch matmul (linear, attention) that computes what our kernels did not take, on `x`:
+    for one row (one token of one sequence) on the CPU, eager, without oneDNN (see onednn_disabled)."""
+    if one_row and x.is_cpu and not torch.compiler.is_compiling():
+        return onednn_disabled()
+    return nullcontext()

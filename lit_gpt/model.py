@@ -4,8 +4,7 @@ Read top to bottom: GPT -> Block -> CausalSelfAttention / MLP -> rotary helpers 
 """
 
 import math
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -72,12 +71,6 @@ class GPT(nn.Module):
         With `input_pos` (T positions): tokens are written into the KV cache at those positions and
         attend to everything cached before them (prefill of a prompt or of a new chat turn, decode).
         """
-        if idx.numel() == 1 and idx.device.type == "cpu" and not torch.compiler.is_compiling():
-            with onednn_disabled():
-                return self._forward(idx, input_pos)
-        return self._forward(idx, input_pos)
-
-    def _forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor]) -> torch.Tensor:
         T = idx.size(1)
         if input_pos is None:
             if T > self.config.block_size:
@@ -116,28 +109,15 @@ class Window(NamedTuple):
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same state dict) whose one-row CPU products, i.e. decode steps,
-    go through our AVX-512 kernel (lit_gpt/gemv.py) where the CPU and a C compiler allow."""
+    go through our AVX-512 kernel (lit_gpt/gemv.py) where the CPU and a C compiler allow, else through
+    ATen's matrix-vector product (gemv.pytorch_fallback)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = gemv.linear_bf16(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias) if y is None else y
-
-
-@contextmanager
-def onednn_disabled() -> Iterator[None]:
-    """Send CPU matmuls to ATen's own kernels instead of oneDNN, for one-row (decode) steps that our
-    kernels do not take (other dtypes, or where gemv.c cannot be built).
-
-    With a single row, ATen runs a bf16/fp16 matrix-vector product with fp32 accumulation that streams
-    the weights at about the memory bandwidth; oneDNN's matmul reaches about 60% of it on these CPUs
-    (scripts/bench_kernels.py, phase bf16). With more rows oneDNN is the faster one, so it stays on.
-    """
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
+        if y is None:
+            with gemv.pytorch_fallback(x, one_row=x.numel() == self.in_features):
+                y = F.linear(x, self.weight, self.bias)
+        return y
 
 
 class Block(nn.Module):
@@ -205,7 +185,8 @@ class CausalSelfAttention(nn.Module):
                   scale: float, causal: bool = False) -> torch.Tensor:
         """PyTorch's attention of q over k, v: causal (a forward without the cache), or through `mask` (None: all)."""
         gqa = self.config.n_head > self.config.n_query_groups
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+        with gemv.pytorch_fallback(q, one_row=q.size(0) * q.size(2) == 1):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 class MLP(nn.Module):

@@ -161,7 +161,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
         if x.device.type == "cpu":
-            y = aten._weight_int8pack_mm(x2.contiguous(), self.weight, scales)
+            with gemv.pytorch_fallback(x, one_row=x2.shape[0] == 1):
+                y = aten._weight_int8pack_mm(x2.contiguous(), self.weight, scales)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * scales
         y = y.reshape(*x.shape[:-1], self.out_features)
@@ -332,7 +333,8 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x.device.type == "cpu":
             sz = self.scales_and_zeros.to(x.dtype)
-            y = aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
+            with gemv.pytorch_fallback(x, one_row=x2.shape[0] == 1):
+                y = aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
         else:  # tinygemm computes in bf16 only
             sz = self.scales_and_zeros.to(torch.bfloat16)
             y = aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.group_size, sz).to(x.dtype)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt import gemv  # noqa: E402
-from lit_gpt.model import onednn_disabled  # noqa: E402
+from lit_gpt.gemv import onednn_disabled  # noqa: E402
 
 aten = torch.ops.aten
 

@@ -6,12 +6,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_gpt import gemv
+from lit_gpt import gemv, quantize
 from lit_gpt.model import Linear
 from lit_gpt.quantize import Int4Linear, Int8Linear
 
@@ -172,6 +173,38 @@ def test_same_result_with_one_and_two_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # each row is summed by one thread, in the same order
+
+
+class OneDnnAtCalls:
+    """Stands in for a PyTorch function: records whether oneDNN was on at each call, and calls it."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.enabled = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.enabled.append(torch.backends.mkldnn.enabled)
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8", "int4"])
+def test_pytorchs_one_row_product_runs_without_onednn(kind, monkeypatch):
+    """Where our kernels decline a row, PyTorch's product of one row runs with oneDNN off (ATen's GEMV streams the
+    weights faster), of more rows with oneDNN on; the switch is back on afterwards."""
+    layer = _bf16_linear(256, 64) if kind == "bf16" else _quantized(kind, 256, 64)
+    for op in ("linear_bf16", "linear_int8", "linear_int4"):
+        monkeypatch.setattr(gemv, op, lambda *args: None)
+    if kind == "bf16":
+        spy = OneDnnAtCalls(F.linear)
+        monkeypatch.setattr(F, "linear", spy)
+    else:
+        name = "_weight_int8pack_mm" if kind == "int8" else "_weight_int4pack_mm_for_cpu"
+        spy = OneDnnAtCalls(getattr(torch.ops.aten, name))
+        monkeypatch.setattr(quantize, "aten", SimpleNamespace(**{name: spy}))
+    x = torch.randn(1, 3, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        one, three = layer(x[:, :1]), layer(x)
+    assert spy.enabled == [False, True] and torch.backends.mkldnn.enabled
+    _assert_close(one, three[:, :1].float())
 
 
 def _bf16(*shape: int) -> torch.Tensor:

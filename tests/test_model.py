@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
+from lit_gpt import gemv
 from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
 from lit_gpt.config import Config
 from lit_gpt.model import GPT, KVCache, Window
@@ -89,3 +91,32 @@ def test_a_fused_step_the_kernel_declines_leaves_the_cache_untouched():
     qkv = torch.randn(1, 1, 2 * 3 * 16)
     assert cache.fused_decode(qkv, torch.ones(1, 8), torch.zeros(1, 8), 1, 2, 8, 0.25) is None
     assert not cache.k.any() and not cache.v.any()
+
+
+def test_a_one_token_step_turns_onednn_off_only_around_pytorchs_matmuls(monkeypatch):
+    """Without our kernels, a one-token step's products and attention run with oneDNN off (see
+    gemv.onednn_disabled); the rest of that forward (norms, ...) and a prefill with it on: a process-wide switch
+    is flipped no wider than it needs to be."""
+    model = _tiny_gpt(torch.bfloat16)
+    for op in ("linear_bf16", "attend_one", "attend_decode"):
+        monkeypatch.setattr(gemv, op, lambda *args: None)  # as where gemv.c cannot be built
+    seen = {"linear": [], "attention": [], "norm": []}
+
+    def recording(name, fn):
+        def call(*args, **kwargs):
+            seen[name].append(torch.backends.mkldnn.enabled)
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(F, "linear", recording("linear", F.linear))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording("attention", F.scaled_dot_product_attention))
+    model.transformer.ln_f.register_forward_pre_hook(lambda *args: seen["norm"].append(torch.backends.mkldnn.enabled))
+    model.set_kv_cache(1)
+    with torch.inference_mode():
+        model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        prefill = {name: calls[:] for name, calls in seen.items()}
+        model(torch.tensor([[4]]), torch.tensor([3]))
+    assert all(prefill["linear"] + prefill["attention"] + prefill["norm"])
+    decode = {name: calls[len(prefill[name]):] for name, calls in seen.items()}
+    assert decode["linear"] == [False] * 5 and decode["attention"] == [False] and decode["norm"] == [True]
+    assert torch.backends.mkldnn.enabled
