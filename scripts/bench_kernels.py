@@ -1,38 +1,5 @@
-"""Micro-benchmark of weight-only-quantized linear kernels for batch-1 decode on CPU.
+"""Micro-benchmark of weight-only-quantized linear kernels for batch-1 decode on CPU (see `main`)."""
 
-Needs torch and this repo's lit_gpt (torchao rows are skipped when it is not installed).
-
-Every kernel multiplies a small activation (M = 1 or 4 rows) by a weight matrix of shape N x K
-(default 10240 x 2560, phi-2's MLP up-projection). To measure memory, not the cache (some of these
-machines report a 480 MB L3), each kernel cycles through its own set of independent weight matrices
-of about --gb gigabytes. Kernels are timed interleaved: in every round each (threads, kernel) pair
-times one full sweep over its set, in a rotated order, and the table reports medians over rounds.
-Speedups are against bf16 F.linear measured in the same phase (same process, same rounds, same
-thread count), so the load that other users put on the machine affects both sides alike.
-
-Every phase also times bf16 F.linear with oneDNN off (ATen's GEMV, which our model uses for one row
-where gemv.c cannot be built) and lit_gpt's gemv.c kernels (one row only), beside the baseline.
-
-Phases (each holds the bf16 set plus its own, to keep memory near 2-3 x --gb):
-  int8: gemv.c; aten._weight_int8pack_mm (eager); `F.linear(x, w.to(x.dtype)) * s` under default
-        torch.compile (x 3-D, so inductor's woq-int8 pattern rewrites it to that aten op); a fused
-        multiply-reduce under torch.compile; torchao's Int8Tensor (eager); dynamic int8
-        activations with torch._int_mm (not weight-only: it also rounds the activations).
-  int4: gemv.c and aten._weight_int4pack_mm_for_cpu (same packed weight) per group size, torchao's Int4OpaqueTensor
-        (the CPU layout of PrototypeInt4WeightOnlyConfig, which calls that same aten op).
-  bf16-maxautotune, int8-maxautotune, int4-maxautotune: torch.compile(mode="max-autotune") with
-        inductor freezing, where inductor may pick its own C++ GEMM templates (each in its own
-        phase: freezing marks the weights as frozen and pre-packs copies of them).
-torchao's da8w4 (Int8DynamicActivationInt4WeightConfig) needs torch.ops.torchao.da8w4_linear_cpu,
-which only a torchao built with its CPU extension has; the table says so when it is missing.
-
-Example:
-    python scripts/bench_kernels.py                       # default shape, M=1,4, threads 1,2
-    python scripts/bench_kernels.py --shape 2560x10240 --phases int4 --rounds 9
-    python scripts/bench_kernels.py --phases int8,int4 --only aten --group-sizes 32,128
-"""
-
-import argparse
 import gc
 import math
 import statistics
@@ -40,7 +7,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Literal, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +15,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt import gemv  # noqa: E402
+from lit_gpt.cli import run_cli  # noqa: E402
 from lit_gpt.gemv import onednn_disabled  # noqa: E402
+from lit_gpt.utils import InvalidArgument  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -73,6 +42,13 @@ def _sweep(fn: Callable, args: List[tuple]) -> Callable[[], int]:
         return len(args)
 
     return run
+
+
+def _gemv_sweep(fn: Callable, args: List[tuple]) -> Callable[[], int]:
+    """A sweep of one of lit_gpt's gemv.c operations, which return None for inputs they do not take."""
+    if fn(*args[0]) is None:
+        raise ValueError("gemv.c declines these: it takes one row (int4: of 64-row blocks), on AVX-512 BF16/VNNI/VBMI")
+    return _sweep(fn, args)
 
 
 def _compiled_stack(layers: List[torch.nn.Module], x: torch.Tensor, mode: str, freezing: bool) -> Callable[[], int]:
@@ -123,17 +99,11 @@ def bf16_kernels(N: int, K: int, gb: float) -> List[Kernel]:
         return _sweep(linear, [(x, w) for w in ws])
 
     def ours(M: int) -> Callable[[], int]:
-        x = _one_row_for_gemv(M, K)
-        return _sweep(gemv.linear_bf16, [(x, w, None) for w in ws])
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        return _gemv_sweep(gemv.linear_bf16, [(x, w, None) for w in ws])
 
     return [Kernel("bf16 F.linear (baseline)", nbytes, build), Kernel("bf16 F.linear, oneDNN off", nbytes, aten_gemv),
             Kernel("bf16 lit_gpt gemv.c", nbytes, ours)]
-
-
-def _one_row_for_gemv(M: int, K: int) -> torch.Tensor:
-    if M != 1 or not gemv.available():
-        raise ValueError("lit_gpt's gemv.c takes one row, on CPUs with AVX-512 BF16/VNNI/VBMI and a C compiler")
-    return torch.randn(1, K, dtype=torch.bfloat16)
 
 
 class _Bf16Layer(torch.nn.Module):
@@ -203,8 +173,8 @@ def int8_kernels(N: int, K: int, gb: float, slow_count: int) -> List[Kernel]:
     kernels.append(Kernel("int8 aten._weight_int8pack_mm", nbytes, eager))
 
     def ours(M: int) -> Callable[[], int]:
-        x = _one_row_for_gemv(M, K)
-        return _sweep(gemv.linear_int8, [(x, w, s, None) for w, s in zip(ws, ss)])
+        x = torch.randn(M, K, dtype=torch.bfloat16)
+        return _gemv_sweep(gemv.linear_int8, [(x, w, s, None) for w, s in zip(ws, ss)])
 
     kernels.append(Kernel("int8 lit_gpt gemv.c", nbytes, ours))
 
@@ -308,10 +278,8 @@ def int4_kernels(N: int, K: int, gb: float, group_sizes: List[int]) -> List[Kern
         kernels.append(Kernel(f"int4 aten._weight_int4pack_mm_for_cpu g{g}", nbytes, eager))
 
         def ours(M: int, szs: List[torch.Tensor] = szs, g: int = g) -> Callable[[], int]:
-            x = _one_row_for_gemv(M, K)
-            if N % 64:
-                raise ValueError("gemv.c's int4 kernel takes whole blocks of 64 rows")
-            return _sweep(gemv.linear_int4, [(x, w, sz, None, N, g) for w, sz in zip(ws, szs)])
+            x = torch.randn(M, K, dtype=torch.bfloat16)
+            return _gemv_sweep(gemv.linear_int4, [(x, w, sz, None, N, g) for w, sz in zip(ws, szs)])
 
         kernels.append(Kernel(f"int4 lit_gpt gemv.c g{g}", nbytes, ours))
 
@@ -406,58 +374,101 @@ def print_table(rows: List[Tuple[int, int, str, int, float, float]], N: int, K: 
         print(f"{M:>2} {t:>3}  {name:<42} {nbytes / 1e6:7.1f} {med * 1e3:9.3f} {nbytes / med / 1e9:6.1f} {speed:>7}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="10240x2560", help="weight shape NxK (out x in features)")
-    parser.add_argument("--gb", type=float, default=1.0, help="bytes of weights each kernel cycles through")
-    parser.add_argument("--m", default="1,4", help="activation rows, comma separated")
-    parser.add_argument("--threads", default="1,2", help="torch.set_num_threads values, comma separated")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--phases", default="int8,int4,bf16-maxautotune,int8-maxautotune,int4-maxautotune")
-    parser.add_argument("--group-sizes", default="32,64,128")
-    parser.add_argument(
-        "--slow-count", type=int, default=6, help="matrices for the (*) rows, which dequantize the whole weight per call"
-    )
-    parser.add_argument("--only", default="", help="run only kernels whose name contains one of these (comma separated)")
-    args = parser.parse_args()
-    N, K = (int(v) for v in args.shape.lower().split("x"))
-    Ms = [int(v) for v in args.m.split(",")]
-    threads = [int(v) for v in args.threads.split(",")]
-    group_sizes = [int(g) for g in args.group_sizes.split(",")]
+Phase = Literal["int8", "int4", "bf16-maxautotune", "int8-maxautotune", "int4-maxautotune"]
+
+
+def phase_kernels(phase: Phase, N: int, K: int, gb: float, slow_count: int, group_sizes: List[int]) -> List[Kernel]:
+    """The bf16 set (the baseline, oneDNN off, gemv.c) and the phase's own kernels."""
+    kernels = bf16_kernels(N, K, gb)
+    if phase == "int8":
+        kernels += int8_kernels(N, K, gb, slow_count)
+    elif phase == "bf16-maxautotune":
+        kernels += bf16_maxautotune_kernels(N, K, gb)
+    elif phase == "int8-maxautotune":
+        kernels += int8_maxautotune_kernels(N, K, gb)
+    elif phase == "int4":
+        kernels += int4_kernels(N, K, gb, group_sizes)
+    elif phase == "int4-maxautotune":
+        kernels += int4_maxautotune_kernels(N, K, gb, group_sizes[0])
+    return kernels
+
+
+def main(
+    shape: str = "10240x2560",
+    gb: float = 1.0,
+    m: list[int] = [1, 4],
+    threads: list[int] = [1, 2],
+    rounds: int = 7,
+    phases: list[Phase] = ["int8", "int4", "bf16-maxautotune", "int8-maxautotune", "int4-maxautotune"],
+    group_sizes: list[int] = [32, 64, 128],
+    slow_count: int = 6,
+    only: list[str] = [],
+) -> None:
+    """Time weight-only-quantized linear kernels for batch-1 decode on the CPU against bf16 F.linear.
+
+    Needs torch and this repo's lit_gpt (torchao rows are skipped when it is not installed). Every kernel
+    multiplies a small activation (M = 1 or 4 rows) by a weight matrix of shape N x K (default 10240 x 2560,
+    phi-2's MLP up-projection). To measure memory, not the cache (some of these machines report a 480 MB L3),
+    each kernel cycles through its own set of independent weight matrices of about --gb gigabytes. Kernels
+    are timed interleaved: in every round each (threads, kernel) pair times one full sweep over its set, in a
+    rotated order, and the table reports medians over rounds. Speedups are against bf16 F.linear measured in
+    the same phase (same process, same rounds, same thread count), so the load that other users put on the
+    machine affects both sides alike.
+
+    Every phase also times bf16 F.linear with oneDNN off (ATen's GEMV, which our model uses for one row
+    where gemv.c cannot be built) and lit_gpt's gemv.c kernels (one row only), beside the baseline.
+
+    Phases, each holding the bf16 set plus its own, to keep memory near 2-3 x --gb. int8: gemv.c;
+    aten._weight_int8pack_mm (eager); `F.linear(x, w.to(x.dtype)) * s` under default torch.compile (x 3-D,
+    so inductor's woq-int8 pattern rewrites it to that aten op); a fused multiply-reduce under torch.compile;
+    torchao's Int8Tensor (eager); dynamic int8 activations with torch._int_mm (not weight-only: it also
+    rounds the activations). int4: gemv.c and aten._weight_int4pack_mm_for_cpu (same packed weight) per
+    group size, torchao's Int4OpaqueTensor (the CPU layout of PrototypeInt4WeightOnlyConfig, which calls that
+    same aten op). bf16-maxautotune, int8-maxautotune, int4-maxautotune: torch.compile(mode="max-autotune")
+    with inductor freezing, where inductor may pick its own C++ GEMM templates (each in its own phase:
+    freezing marks the weights as frozen and pre-packs copies of them). torchao's da8w4
+    (Int8DynamicActivationInt4WeightConfig) needs torch.ops.torchao.da8w4_linear_cpu, which only a torchao
+    built with its CPU extension has; the table says so when it is missing.
+
+    For instance: `python scripts/bench_kernels.py` (default shape, M 1 and 4, threads 1 and 2),
+    `python scripts/bench_kernels.py --shape 2560x10240 --phases [int4] --rounds 9`,
+    `python scripts/bench_kernels.py --phases [int8,int4] --only [aten] --group_sizes [32,128]`.
+
+    Args:
+        shape: Weight shape NxK (out x in features).
+        gb: Gigabytes of weights each kernel cycles through.
+        m: Activation rows, e.g. [1,4].
+        threads: torch.set_num_threads values, e.g. [1,2].
+        rounds: Timing rounds (the table reports medians over them).
+        phases: The phases to run, in order, e.g. [int8,int4].
+        group_sizes: int4 group sizes, e.g. [32,128] (int4-maxautotune takes the first).
+        slow_count: Matrices for the (*) rows, which dequantize the whole weight per call.
+        only: Run only kernels whose name contains one of these, e.g. [aten,gemv] (the baseline always runs).
+    """
+    try:
+        N, K = (int(v) for v in shape.lower().split("x"))
+    except ValueError:
+        raise InvalidArgument("shape", f"must be NxK (out x in features), e.g. 10240x2560, got {shape!r}")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads available")
-
     rows = []
-    for phase in args.phases.split(","):
-        kernels = bf16_kernels(N, K, args.gb)
-        if phase == "int8":
-            kernels += int8_kernels(N, K, args.gb, args.slow_count)
-        elif phase == "bf16-maxautotune":
-            kernels += bf16_maxautotune_kernels(N, K, args.gb)
-        elif phase == "int8-maxautotune":
-            kernels += int8_maxautotune_kernels(N, K, args.gb)
-        elif phase == "int4":
-            kernels += int4_kernels(N, K, args.gb, group_sizes)
-        elif phase == "int4-maxautotune":
-            kernels += int4_maxautotune_kernels(N, K, args.gb, group_sizes[0])
-        else:
-            raise SystemExit(f"unknown phase {phase!r}")
-        if args.only:
-            keep = args.only.split(",")
-            kernels = [k for k in kernels if "(baseline)" in k.name or any(s in k.name for s in keep)]
+    for phase in phases:
+        kernels = phase_kernels(phase, N, K, gb, slow_count, group_sizes)
+        if only:
+            kernels = [k for k in kernels if "(baseline)" in k.name or any(s in k.name for s in only)]
         print(f"phase {phase}: {len(kernels)} kernels", flush=True)
-        phase_rows = run_phase(phase, kernels, Ms, threads, args.rounds)
+        phase_rows = run_phase(phase, kernels, m, threads, rounds)
         if rows:  # the bf16 baseline of later phases is only used for their own speedups
-            phase_rows = [(M, t, n if not n.startswith("bf16") else f"{n} [{phase}]", b, m, s)
-                          for M, t, n, b, m, s in phase_rows]
+            phase_rows = [(M, t, n if not n.startswith("bf16") else f"{n} [{phase}]", b, med, s)
+                          for M, t, n, b, med, s in phase_rows]
         print_table(phase_rows, N, K)
         rows += phase_rows
         del kernels
         torch._dynamo.reset()
         gc.collect()
-    print("\n(*) timed over --slow-count matrices only: these dequantize the whole matrix per call, so they are")
+    print("\n(*) timed over --slow_count matrices only: these dequantize the whole matrix per call, so they are")
     print("    compute-bound and the cache does not flatter them.")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
