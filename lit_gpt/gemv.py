@@ -1,4 +1,4 @@
-"""Our matrix-vector kernels for batch-1 decode on CPUs with AVX-512 BF16, VNNI and VBMI (the C is in gemv.c).
+"""Our matrix-vector kernels for batch-1 decode on CPUs with AVX-512 _BF16, VNNI and VBMI (the C is in gemv.c).
 
 A decode step multiplies one row of activations by every weight matrix, so its speed is how fast the
 weights stream from memory. PyTorch's CPU kernels stream bf16 weights at ~60-75% of the read bandwidth
@@ -36,7 +36,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "a
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
           "-mavx512vbmi", "-mfma", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}"]
-BF16 = torch.bfloat16
+_BF16 = torch.bfloat16
 
 _lib: Optional[ctypes.CDLL] = None
 _tried = False
@@ -65,6 +65,7 @@ def _compiler() -> tuple[str, bytes]:
         proc = subprocess.run([path, "--version"], capture_output=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{name} --version failed: {first_line(e)}")
+    # (its exit status does not matter here: a compiler that cannot build says so when it builds)
     return path, b"\0".join((os.path.realpath(path).encode(), proc.stdout, proc.stderr))
 
 
@@ -99,7 +100,7 @@ def _load() -> Optional[ctypes.CDLL]:
         print(f"note: lit_gpt's AVX-512 decode kernels are not available ({first_line(e)}); "
               "using PyTorch's", file=sys.stderr)
         return None
-    for kernel in KERNELS:
+    for kernel in _KERNELS:
         fn = getattr(lib, kernel.name)
         fn.argtypes, fn.restype = kernel.argtypes, kernel.restype
     _lib, _loaded = lib, True
@@ -207,7 +208,7 @@ _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 6 + (_F32,), 
                       _attend_empty)
 # eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
 _ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 7 + (_F32,), _run_attend_decode)
-KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE)
+_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE)
 
 
 # ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
@@ -229,18 +230,18 @@ def _usable(*tensors: Optional[Tensor]) -> bool:
 
 
 def _one_row(x: Tensor, in_features: int) -> bool:
-    return x.dtype == BF16 and x.numel() == x.shape[-1] == in_features
+    return x.dtype == _BF16 and x.numel() == x.shape[-1] == in_features
 
 
 def _bf16_vector(t: Optional[Tensor], n: int) -> bool:
     """Whether t (None: a missing bias, which is fine) holds n bf16 values."""
-    return t is None or (t.dtype == BF16 and t.numel() == n)
+    return t is None or (t.dtype == _BF16 and t.numel() == n)
 
 
 def linear_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
     """F.linear(x, weight, bias) for one bf16 row x, a bf16 weight (out_features, in_features) and bias; None
     where the kernels cannot take these inputs."""
-    if (weight.dtype == BF16 and weight.dim() == 2 and _one_row(x, weight.shape[1])
+    if (weight.dtype == _BF16 and weight.dim() == 2 and _one_row(x, weight.shape[1])
             and _bf16_vector(bias, weight.shape[0]) and _usable(x, weight, bias)):
         return _GEMV_BF16(x, weight, bias)
     return None
@@ -265,7 +266,7 @@ def linear_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optio
     rows, K = packed.shape[0], x.shape[-1]
     if (packed.dtype == torch.uint8 and _one_row(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
             and 0 < out_features <= rows and group_size > 0 and group_size % 4 == 0 and K % group_size == 0
-            and scales_and_zeros.dtype == BF16 and scales_and_zeros.shape == (K // group_size, rows, 2)
+            and scales_and_zeros.dtype == _BF16 and scales_and_zeros.shape == (K // group_size, rows, 2)
             and _bf16_vector(bias, out_features) and _usable(x, packed, scales_and_zeros, bias)):
         return _GEMV_INT4(x, packed, scales_and_zeros, bias, out_features, group_size)
     return None
@@ -277,7 +278,7 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float)
     q: (B, n_head, 1, head_size); k, v: the whole cache (B, n_groups, max_seq_length, head_size), n_head a
     multiple of n_groups; all bf16; input_pos: the query's position (one element). Returns
     (B, n_head, 1, head_size), as F.scaled_dot_product_attention would; None where the kernels cannot take it."""
-    if (q.dim() == 4 and q.shape[2] == 1 and q.shape[3] <= MAX_HEAD_SIZE and q.dtype == k.dtype == v.dtype == BF16
+    if (q.dim() == 4 and q.shape[2] == 1 and q.shape[3] <= MAX_HEAD_SIZE and q.dtype == k.dtype == v.dtype == _BF16
             and k.dim() == 4 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3]
             and q.shape[1] % k.shape[1] == 0 and _usable(q, k, v)):
         return _ATTEND_ONE(q, k, v, input_pos, scale)
@@ -297,7 +298,7 @@ def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, l
     if torch.compiler.is_compiling() or qkv.dim() != 3 or k.dim() != 4:
         return None
     B, n_groups, S, head_size = k.shape
-    if (qkv.shape[:2] == (B, 1) and qkv.dtype == k.dtype == v.dtype == BF16 and k.shape == v.shape
+    if (qkv.shape[:2] == (B, 1) and qkv.dtype == k.dtype == v.dtype == _BF16 and k.shape == v.shape
             and n_head % n_groups == 0 and qkv.shape[2] == (n_head + 2 * n_groups) * head_size
             and head_size <= MAX_HEAD_SIZE and 1 <= length <= S and 0 <= rope_n_elem <= head_size
             and rope_n_elem % 2 == 0 and cos.is_floating_point() and sin.is_floating_point()

@@ -199,7 +199,8 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
-def build_rope_cache(seq_len: int, n_elem: int, base: int, device: Optional[torch.device] = None):
+def build_rope_cache(seq_len: int, n_elem: int, base: int,
+                     device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (seq_len, n_elem), float32, in the "rotate half" layout."""
     inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem))
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -220,7 +221,8 @@ class KVCache(nn.Module):
     """Preallocated keys and values, (B, n_query_groups, max_seq_length, head_size), written in place by its
     methods only."""
 
-    def __init__(self, batch_size, n_groups, max_seq_length, head_size, device, dtype) -> None:
+    def __init__(self, batch_size: int, n_groups: int, max_seq_length: int, head_size: int,
+                 device: Optional[torch.device], dtype: Optional[torch.dtype]) -> None:
         super().__init__()
         shape = (batch_size, n_groups, max_seq_length, head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
