@@ -14,11 +14,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Sequence
 
 import torch
 
-from lit_gpt.utils import UserError
+from lit_gpt.choices import WeightMode, check_choice
+from lit_gpt.files import HF_CONFIG, LIT_MODEL
+from lit_gpt.utils import InvalidArgument, NeedsStep
 
 PROMPT = "def print_prime(n):\n    \"\"\"\n    Print all primes between 1 and n\n    \"\"\"\n"
 
@@ -74,12 +76,14 @@ def quality_text() -> str:
     import codecs
     import this  # noqa: F401 (prints the Zen of Python once, to stdout; the parent reads only the last line)
 
-    license = (Path(__file__).resolve().parent.parent / "tests" / "data" / "gpt2-bpe" / "LICENSE").read_text()
+    from lit_gpt.tokenizer import GPT2_BPE_DIR
+
+    license = (GPT2_BPE_DIR / "LICENSE").read_text()
     return codecs.decode(this.s, "rot13") + "\n\n" + license
 
 
-def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bool, group_size: int,
-               reference: Path) -> dict:
+def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compile: bool, group_size: int,
+               reference: str) -> dict:
     """Greedy generation with our model: `mode` is bf16, fp32, int8 or int4 (int ones on bf16 activations).
 
     Also scores the logits over `quality_text`: bf16 stores them in `reference`, the quantized modes
@@ -120,7 +124,7 @@ def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bo
         logits = model(text).float().cpu()[0]
     if mode == "bf16":
         torch.save(logits, reference)
-    elif mode in ("int8", "int4") and reference.is_file():
+    elif mode in ("int8", "int4") and Path(reference).is_file():
         ref = torch.load(reference)
         result["rel_error"] = float((logits - ref).norm() / ref.norm())
         result["top1"] = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
@@ -128,7 +132,7 @@ def bench_ours(checkpoint_dir: Path, mode: str, max_new_tokens: int, compile: bo
     return result
 
 
-def bench_transformers(hf_dir: Path, max_new_tokens: int) -> dict:
+def bench_transformers(hf_dir: str, max_new_tokens: int) -> dict:
     """transformers' PhiForCausalLM.generate on the same weights, bf16, greedy, with a token-timing streamer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -164,87 +168,60 @@ def bench_transformers(hf_dir: Path, max_new_tokens: int) -> dict:
                 peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
 
 
-def run_child(args: list[str]) -> dict:
-    """Run one configuration in a fresh process; its last stdout line is the JSON result."""
-    proc = subprocess.run([sys.executable, "-m", "lit_gpt.benchmark", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent.parent)
+def run_child(job: dict) -> dict:
+    """Run one configuration (`job`: the keyword arguments of bench_ours or bench_transformers, with "kind")
+    in a fresh process; its last stdout line is the JSON result."""
+    proc = subprocess.run([sys.executable, "-m", "lit_gpt.benchmark", json.dumps(job)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def benchmark(
-    checkpoint_dir: Path = Path("checkpoints/microsoft/phi-2"),
-    modes: tuple[str, ...] = ("bf16", "int8", "int4"),
-    max_new_tokens: int = 64,
-    compile: bool = False,
-    group_size: int = 32,
-    transformers: bool = True,
-    make_random: Optional[str] = None,
-    rounds: int = 1,
-) -> list[dict]:
-    """Benchmark generation, ours in each mode against transformers on the same weights, and print a table.
-
-    The table holds load time, time to first token, prefill and decode tokens/s, memory bandwidth
-    achieved (and its share of this machine's read bandwidth, measured in the same run) and peak
-    resident memory, for each mode, and for transformers on the same checkpoint when its Hugging Face
-    files are present. Batch 1, greedy, a short code prompt; each run in its own process.
-
-    Args:
-        checkpoint_dir: A checkpoint directory with lit_model.pth (and the Hugging Face files for transformers).
-        modes: Which of bf16, fp32, int8, int4 to run, e.g. --modes '[bf16, int4]'.
-        max_new_tokens: Tokens to decode per run.
-        compile: Run our decode steps through torch.compile.
-        group_size: Group size for int4.
-        transformers: Also run transformers' generate on the Hugging Face files in checkpoint_dir.
-        make_random: phi-2, phi-1_5 or phi-1: first write a random-weight checkpoint of that shape into
-            checkpoint_dir (Hub file layout, then converted), unless one is there, to benchmark without the Hub.
-        rounds: Run every configuration this many times, in rotated order, and report the median of each
-            figure: on shared machines the bandwidth drifts by tens of percent within minutes.
-
-    Returns:
-        The rows of the table.
-    """
+def benchmark(checkpoint_dir: Path, modes: Sequence[WeightMode] = ("bf16", "int8", "int4"), max_new_tokens: int = 64,
+              compile: bool = False, group_size: int = 32, transformers: bool = True, rounds: int = 1) -> list[dict]:
+    """Benchmark generation with the converted checkpoint in each mode, and transformers on its Hugging Face
+    files when they are there; every run in its own process, `rounds` times in rotated order. Returns one
+    row per configuration: the median of each figure over the rounds, and the read bandwidth around its runs."""
     checkpoint_dir = Path(checkpoint_dir)
-    if make_random and not (checkpoint_dir / "lit_model.pth").is_file():
-        from lit_gpt.convert import convert_hf_checkpoint
-        from lit_gpt.random_checkpoint import write_random_hf_checkpoint
-
-        print(f"writing a random {make_random} checkpoint to {checkpoint_dir}", file=sys.stderr)
-        write_random_hf_checkpoint(checkpoint_dir, make_random)
-        convert_hf_checkpoint(checkpoint_dir)
-    if not (checkpoint_dir / "lit_model.pth").is_file():
-        raise UserError(f"{checkpoint_dir} holds no converted checkpoint; convert it, or pass --make_random phi-2")
+    if not (checkpoint_dir / LIT_MODEL).is_file():
+        raise NeedsStep(f"{checkpoint_dir} holds no converted checkpoint; convert it first", "convert", checkpoint_dir)
     for mode in modes:
-        if mode not in ("bf16", "fp32", "int8", "int4"):
-            raise UserError(f"unknown mode {mode!r}; choose from bf16, fp32, int8, int4")
+        check_choice("modes", mode, WeightMode)
     if rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {rounds}")
-
+        raise InvalidArgument("rounds", f"must be at least 1, got {rounds}")
     reference = Path(tempfile.mkdtemp()) / "bf16_logits.pt"  # the bf16 run's logits, to score the others
     runs = [(f"ours {mode}{' +compile' if compile else ''}",
-             ["ours", str(checkpoint_dir), mode, str(max_new_tokens), str(int(compile)), str(group_size), str(reference)])
+             dict(kind="ours", checkpoint_dir=str(checkpoint_dir), mode=mode, max_new_tokens=max_new_tokens,
+                  compile=compile, group_size=group_size, reference=str(reference)))
             for mode in modes]
-    if transformers and (checkpoint_dir / "config.json").is_file():
-        runs.append(("transformers bf16", ["transformers", str(checkpoint_dir), str(max_new_tokens)]))
-    # The bandwidth is measured around every run, and each run is set against the mean of the figures
-    # before and after it. The first round keeps the given order, so bf16 writes the quality reference first.
+    if transformers and (checkpoint_dir / HF_CONFIG).is_file():
+        runs.append(("transformers bf16", dict(kind="transformers", hf_dir=str(checkpoint_dir),
+                                               max_new_tokens=max_new_tokens)))
+    try:
+        results = _rounds(runs, rounds)
+    finally:
+        shutil.rmtree(reference.parent, ignore_errors=True)
+    return [dict(name=name, **_median(runs_of_one)) for name, runs_of_one in results.items()]
+
+
+def _rounds(runs: list[tuple[str, dict]], rounds: int) -> dict[str, list[dict]]:
+    """Every run `rounds` times, rotated. The bandwidth is measured around every run, and each run is set
+    against the mean of the figures before and after it. The first round keeps the given order, so bf16
+    writes the quality reference first."""
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}
     bandwidths = [read_bandwidth()]
     for r in range(rounds):
-        for name, args in runs[r % len(runs):] + runs[: r % len(runs)]:
+        for name, job in runs[r % len(runs):] + runs[: r % len(runs)]:
             print(f"round {r + 1}/{rounds}: read bandwidth {bandwidths[-1]:.1f} GB/s; running {name} ...",
                   file=sys.stderr)
-            result = run_child(args)
+            result = run_child(job)
             bandwidths.append(read_bandwidth())
             result["read_bw"] = (bandwidths[-2] + bandwidths[-1]) / 2
             if "gbps" in result:
                 result["bw_share"] = result["gbps"] / result["read_bw"]
             results[name].append(result)
-    rows = [dict(name=name, **_median(runs_of_one)) for name, runs_of_one in results.items()]
-    shutil.rmtree(reference.parent, ignore_errors=True)
-    print_table(rows, checkpoint_dir, max_new_tokens, rounds)
-    return rows
+    return results
 
 
 def _median(results: list[dict]) -> dict:
@@ -290,11 +267,7 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
             print(f"| {r['name']} | {100 * r['rel_error']:.2f}% | {100 * r['top1']:.1f}% |")
 
 
-if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark ours|transformers ...
-    kind, path, *rest = sys.argv[1:]
-    if kind == "ours":
-        mode, new, comp, group, reference = rest
-        result = bench_ours(Path(path), mode, int(new), bool(int(comp)), int(group), Path(reference))
-    else:
-        result = bench_transformers(Path(path), int(rest[0]))
-    print(json.dumps(result))
+if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark '{"kind": "ours", ...}'
+    job = json.loads(sys.argv[1])
+    bench = bench_ours if job.pop("kind") == "ours" else bench_transformers
+    print(json.dumps(bench(**job)))

@@ -32,7 +32,7 @@ def hub_repo_id(checkpoint_dir: Path) -> str:
 def error_line(e: UserError) -> str:
     """The one line a script prints for a library error (after "error: ")."""
     if isinstance(e, InvalidArgument):
-        return f"--{e.name} {e.problem}"
+        return f"--{e.name} {e.problem.replace('{name}', '--' + e.name)}"
     if isinstance(e, NeedsStep):
         command = COMMANDS[e.step].format(dir=e.checkpoint_dir, repo_id=hub_repo_id(e.checkpoint_dir))
         return f"{e} with `{command}`"

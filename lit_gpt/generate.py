@@ -93,7 +93,7 @@ def check_context(block: int, prompt_len: int, max_returned_tokens: int, start_p
     if start_pos + max_returned_tokens > block:
         new = start_pos + max_returned_tokens - prompt_len
         raise InvalidArgument("max_new_tokens", f"is too large: the prompt ({prompt_len} tokens) + {new} new tokens "
-                              f"exceed the model's context of {block} tokens; use {block - prompt_len} or less")
+                              f"exceed the model's context of {block} tokens; use {{name}} {block - prompt_len} or less")
 
 
 @torch.inference_mode()

@@ -9,10 +9,8 @@ import torch
 from lit_gpt.convert import hf_config_dict, lit_to_qkv, name_map
 from lit_gpt.load import expected_shapes
 from lit_gpt.config import Config
-from lit_gpt.tokenizer import write_phi_tokenizer
+from lit_gpt.tokenizer import GPT2_BPE_DIR, write_phi_tokenizer
 from lit_gpt.utils import atomic_path
-
-GPT2_BPE = Path(__file__).resolve().parent.parent / "tests" / "data" / "gpt2-bpe"
 
 
 def write_random_hf_checkpoint(
@@ -66,5 +64,5 @@ def write_random_hf_checkpoint(
     hf_config["_name_or_path"] = f"microsoft/{config.name}"
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
-    write_phi_tokenizer(out_dir, gpt2_dir or GPT2_BPE)
+    write_phi_tokenizer(out_dir, gpt2_dir or GPT2_BPE_DIR)
     return out_dir

@@ -21,9 +21,12 @@ GPT2_VOCAB_SIZE = 50257  # ids 0..50256; 50256 is <|endoftext|>
 # CodeGen/Phi appends whitespace runs so that indented code costs one token per indent level:
 # 31 down to 2 spaces get ids 50257..50286, 9 down to 2 tabs get 50287..50294 (longest first).
 PHI_ADDED_TOKENS = [" " * n for n in range(31, 1, -1)] + ["\t" * n for n in range(9, 1, -1)]
+# GPT-2's vocabulary and merges (MIT, LICENSE beside them), shipped with the package: Phi's tokenizer is
+# rebuilt from them where the Hub cannot be reached (random-weight checkpoints for benchmarks and tests)
+GPT2_BPE_DIR = Path(__file__).resolve().parent / "assets" / "gpt2-bpe"
 
 
-def write_phi_tokenizer(out_dir: Path, gpt2_dir: Path) -> None:
+def write_phi_tokenizer(out_dir: Path, gpt2_dir: Path = GPT2_BPE_DIR) -> None:
     """Write Phi's tokenizer files into `out_dir`, built from GPT-2's encoder.json and vocab.bpe in `gpt2_dir`.
 
     The layout mirrors the Hub's microsoft/phi-2 repo (tokenizer.json, vocab.json, merges.txt, added_tokens.json,

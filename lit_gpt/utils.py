@@ -16,10 +16,11 @@ class UserError(Exception):
 
 
 class InvalidArgument(UserError):
-    """A bad value of a parameter. The command line names it by its flag: `--{name} {problem}`."""
+    """A bad value of a parameter. The command line names it by its flag: `--{name} {problem}`; a "{name}" in
+    the problem is the parameter again ("use {name} 28 or less")."""
 
     def __init__(self, name: str, problem: str) -> None:
-        super().__init__(f"{name} {problem}")
+        super().__init__(f"{name} {problem.replace('{name}', name)}")
         self.name, self.problem = name, problem
 
 

@@ -2,11 +2,58 @@
 
 import sys
 from pathlib import Path
+from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_gpt.benchmark import benchmark
+from lit_gpt.benchmark import benchmark, print_table
+from lit_gpt.choices import WeightMode
 from lit_gpt.cli import run_cli
+from lit_gpt.files import LIT_MODEL
+from lit_gpt.utils import InvalidArgument
+
+
+def main(
+    checkpoint_dir: Path = Path("checkpoints/microsoft/phi-2"),
+    modes: list[WeightMode] = ["bf16", "int8", "int4"],
+    max_new_tokens: int = 64,
+    compile: bool = False,
+    group_size: int = 32,
+    transformers: bool = True,
+    make_random: Optional[Literal["phi-2", "phi-1_5", "phi-1"]] = None,
+    rounds: int = 1,
+) -> None:
+    """Benchmark generation, ours in each mode against transformers on the same weights, and print a table.
+
+    The table holds load time, time to first token, prefill and decode tokens/s, memory bandwidth
+    achieved (and its share of this machine's read bandwidth, measured in the same run) and peak
+    resident memory, for each mode, and for transformers on the same checkpoint when its Hugging Face
+    files are present. Batch 1, greedy, a short code prompt; each run in its own process.
+
+    Args:
+        checkpoint_dir: A checkpoint directory with lit_model.pth (and the Hugging Face files for transformers).
+        modes: Which of bf16, fp32, int8, int4 to run, e.g. --modes '[bf16, int4]'.
+        max_new_tokens: Tokens to decode per run.
+        compile: Run our decode steps through torch.compile.
+        group_size: Group size for int4.
+        transformers: Also run transformers' generate on the Hugging Face files in checkpoint_dir.
+        make_random: phi-2, phi-1_5 or phi-1: first write a random-weight checkpoint of that shape into
+            checkpoint_dir (Hub file layout, then converted), unless one is there, to benchmark without the Hub.
+        rounds: Run every configuration this many times, in rotated order, and report the median of each
+            figure: on shared machines the bandwidth drifts by tens of percent within minutes.
+    """
+    if max_new_tokens < 2:
+        raise InvalidArgument("max_new_tokens", f"must be >= 2 (a decode speed needs two tokens), got {max_new_tokens}")
+    if make_random and not (checkpoint_dir / LIT_MODEL).is_file():
+        from lit_gpt.convert import convert_hf_checkpoint
+        from lit_gpt.random_checkpoint import write_random_hf_checkpoint
+
+        print(f"writing a random {make_random} checkpoint to {checkpoint_dir}", file=sys.stderr)
+        write_random_hf_checkpoint(checkpoint_dir, make_random)
+        convert_hf_checkpoint(checkpoint_dir)
+    rows = benchmark(checkpoint_dir, modes, max_new_tokens, compile, group_size, transformers, rounds)
+    print_table(rows, checkpoint_dir, max_new_tokens, rounds)
+
 
 if __name__ == "__main__":
-    run_cli(benchmark)
+    run_cli(main)

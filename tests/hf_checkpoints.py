@@ -11,7 +11,6 @@ from typing import Optional, Sequence
 
 import torch
 
-DATA = Path(__file__).parent / "data"
 
 
 def tiny_hf_config(n_embd: int = 64, n_head: int = 4, n_layer: int = 2, rotary: float = 0.5,
@@ -145,7 +144,7 @@ def make_hf_checkpoint(
     if tokenizer:
         from lit_gpt.tokenizer import write_phi_tokenizer
 
-        write_phi_tokenizer(out_dir, DATA / "gpt2-bpe")
+        write_phi_tokenizer(out_dir)
     return model
 
 

@@ -313,7 +313,7 @@ def test_prompt_styles(ckpt, tmp_path):
         assert style_for_checkpoint(tmp_path).name == expected
     (tmp_path / "lit_config.json").write_text('{"name": "x", "hf_config": {"org": "microsoft", "name": "phi-1_5"}}')
     assert style_for_checkpoint(tmp_path).name == "phi-1_5"
-    with pytest.raises(UserError, match="unknown prompt style"):
+    with pytest.raises(UserError, match="prompt_style must be one of raw, phi-2, phi-2-chat, phi-1_5, phi-1, got 'llama'"):
         get_style("llama")
     style = get_style("phi-2")
     assert style.conversation([("a", " A.\n"), ("b", None)]) == "Instruct: a\nOutput: A.\nInstruct: b\nOutput:"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lit_gpt.cli import error_line
-from lit_gpt.tokenizer import PHI_ADDED_TOKENS, Tokenizer, write_phi_tokenizer
+from lit_gpt.tokenizer import GPT2_BPE_DIR, PHI_ADDED_TOKENS, Tokenizer, write_phi_tokenizer
 from lit_gpt.utils import UserError
 
-GPT2_DIR = Path(__file__).parent / "data" / "gpt2-bpe"
+GPT2_DIR = GPT2_BPE_DIR  # shipped with the package
 EOT_ID = 50256
 
 TEXTS = [
