@@ -109,6 +109,8 @@ def _bad_argument(message: str, types: dict) -> str:
     choices = [a for arg in typing.get_args(types.get(name)) or () for a in (typing.get_args(arg) or ())]
     if typing.get_origin(types.get(name)) is typing.Literal:
         choices = list(typing.get_args(types[name]))
+    if typing.get_origin(types.get(name)) is list and "Expected a <class 'list'>" in message:
+        return f"--{name}: expects a list such as '[{', '.join(map(str, choices[:2]))}]', got {given!r}"
     if choices:
         return f"--{name}: unknown value {given!r}; choose one of {', '.join(map(str, choices))}"
     return f"--{name}: invalid value {given!r} (expected {_type_name(types.get(name))})"

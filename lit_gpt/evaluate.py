@@ -8,16 +8,14 @@ Every window is one full forward; a quantized mode is also compared with bf16 to
 import json
 import math
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lit_gpt import data
+from lit_gpt.choices import WeightMode
 from lit_gpt.utils import UserError
-
-Mode = Literal["fp32", "bf16", "int8", "int4"]
-
 
 def held_out_tokens(checkpoint_dir: Path, data_dir: Optional[Path] = None) -> tuple[torch.Tensor, dict]:
     """The validation files of the run that trained the checkpoint (its training.json), as one token stream,
@@ -81,7 +79,7 @@ def score(model, tokens: torch.Tensor, block_size: int, batch_size: int = 8) -> 
             "predicted": torch.cat(predictions)}
 
 
-def evaluate(checkpoint_dir: Path, modes: Sequence[Mode], tokens: torch.Tensor, group_sizes: Sequence[int] = (32,),
+def evaluate(checkpoint_dir: Path, modes: Sequence[WeightMode], tokens: torch.Tensor, group_sizes: Sequence[int] = (32,),
              batch_size: int = 8) -> list[dict]:
     """Score the checkpoint in each mode (int4 once per group size); quantized and fp32 rows also get their
     top-1 agreement with the bf16 row (bf16 is scored first whenever another mode is asked for)."""

@@ -404,7 +404,7 @@ def compile_decode(model: GPT) -> Callable:
         return torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
     import torch._inductor.config as inductor_config
 
-    if gemv.available():  # loads the kernels now, before tracing (see gemv.usable)
+    if gemv.available():  # loads the kernels now: torch.compile does not trace their loading
         compiled, options = torch.compile(model, fullgraph=True, dynamic=False), {"emulate_precision_casts": True}
     else:
         # freezing: the weights are constants of the graph, packed once when it compiles

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lit_gpt import data
 from lit_gpt.config import Config
 from lit_gpt.model import GPT
-from lit_gpt.utils import UserError, atomic_path
+from lit_gpt.utils import InvalidArgument, UserError, atomic_path
 
 Strategy = Literal["auto", "ddp", "fsdp"]
 Precision = Literal["bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true"]
@@ -112,7 +112,7 @@ def prepare_tokenizer(fabric, corpus: data.Corpus, out_dir: Path, tokenizer_dir:
     """The given tokenizer, or one trained on the training files into out_dir/tokenizer (once, by rank 0)."""
     if tokenizer_dir is not None:
         if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
-            raise UserError(f"--tokenizer_dir {tokenizer_dir} has no tokenizer.json")
+            raise InvalidArgument("tokenizer_dir", f"{tokenizer_dir} has no tokenizer.json")
         return Path(tokenizer_dir)
     tokenizer_dir = out_dir / "tokenizer"
     if fabric.global_rank == 0 and not (tokenizer_dir / "tokenizer.json").is_file():

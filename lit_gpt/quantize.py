@@ -23,7 +23,7 @@ q as two nibbles per byte, high nibble first, plus tinygemm's scales_and_zeros),
 kernel's layout on `load_state_dict()`, so a checkpoint saved on one device loads on another.
 To load one, build the model (on the meta device will do), call `make_empty_quantized` with the same
 mode and group size, then `load_state_dict(..., assign=True)`. scripts/quantize.py
-(lit_gpt.checkpoint.save_quantized) saves a whole model in the kernels' own CPU layout instead, so that
+(lit_gpt.quantized_checkpoint.save_quantized) saves a whole model in the kernels' own CPU layout instead, so that
 it loads on the same machine in seconds, without repacking.
 """
 

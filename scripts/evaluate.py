@@ -7,14 +7,15 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt.convert import convert_if_needed
-from lit_gpt.evaluate import Mode, evaluate, file_tokens, held_out_tokens, print_table
+from lit_gpt.choices import WeightMode
+from lit_gpt.evaluate import evaluate, file_tokens, held_out_tokens, print_table
 from lit_gpt.cli import run_cli
-from lit_gpt.utils import UserError
+from lit_gpt.utils import InvalidArgument
 
 
 def main(
     checkpoint_dir: Path = Path("demo/phi-stdlib"),
-    modes: list[Mode] = ["bf16", "int8", "int4"],
+    modes: list[WeightMode] = ["bf16", "int8", "int4"],
     group_sizes: list[int] = [32, 128],
     data_dir: Optional[Path] = None,
     files: Optional[list[Path]] = None,
@@ -37,9 +38,9 @@ def main(
         batch_size: Windows per forward pass.
     """
     if batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+        raise InvalidArgument("batch_size", f"must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
-        raise UserError(f"--max_tokens must be >= 2, got {max_tokens}")
+        raise InvalidArgument("max_tokens", f"must be >= 2, got {max_tokens}")
     convert_if_needed(checkpoint_dir)
     tokens, about = file_tokens(checkpoint_dir, files) if files else held_out_tokens(checkpoint_dir, data_dir)
     if max_tokens is not None:

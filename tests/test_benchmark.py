@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
 import torch
 
@@ -16,6 +17,7 @@ from lit_gpt.random_checkpoint import write_random_hf_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_benchmark_prints_every_row(tmp_path):
     make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
     convert_hf_checkpoint(tmp_path, show_progress=False)
@@ -48,6 +50,7 @@ def test_benchmark_prints_every_row(tmp_path):
     assert 0 < float(err8) < float(err4) < 50 and float(top8) >= 90 and float(top4) >= 50
 
 
+@pytest.mark.slow
 def test_rounds_rerun_every_configuration_and_report_medians(tmp_path):
     make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
     convert_hf_checkpoint(tmp_path, show_progress=False)
@@ -67,6 +70,7 @@ def test_rounds_rerun_every_configuration_and_report_medians(tmp_path):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == ["error: --rounds must be at least 1, got 0"]
 
 
+@pytest.mark.slow
 def test_random_checkpoint_has_the_real_layout_and_converts(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -55,6 +55,7 @@ def count_forward(model):
     return calls, handle
 
 
+@pytest.mark.slow
 def test_turns_prefill_only_their_own_tokens(ckpt, fresh):
     d, tokenizer = ckpt
     model = load_model(d)
@@ -159,6 +160,7 @@ def chat_command(d: Path, *args: str) -> list[str]:
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
+@pytest.mark.slow
 def test_chat_script_three_turns(ckpt):
     d, tokenizer = ckpt
     prompts = ["Hello there, how are you?", "What is 2+2?", "Tell me more about it."]
@@ -217,6 +219,7 @@ class Reader:
         raise AssertionError(f"timed out; got so far:\n{self.text()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_sigint_during_reply_returns_to_the_prompt(ckpt):
     d, tokenizer = ckpt
     # raw style: only eos could end the reply early; greedy, this model does not produce it.

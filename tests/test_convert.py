@@ -42,6 +42,7 @@ def lit_outputs(d: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------- round trip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["phi", "phi-msft", "mixformer-sequential"])
 def test_hf_lit_hf_round_trip_is_bit_exact(tmp_path, scheme):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,6 +80,7 @@ def test_dtype_option_casts_weights(tmp_path):
     assert {t.dtype for t in sd.values()} == {torch.bfloat16}
 
 
+@pytest.mark.slow
 def test_conversion_shows_progress(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
@@ -133,11 +135,13 @@ def test_lit_config_json_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.slow
 def test_missing_directory(tmp_path):
     proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path / "nope"))
     assert_one_line_error(proc, "does not exist", "scripts/download.py")
 
 
+@pytest.mark.slow
 def test_directory_without_weights_names_the_download_command(tmp_path):
     d = tmp_path / "microsoft" / "phi-2"
     d.mkdir(parents=True)
@@ -147,6 +151,7 @@ def test_directory_without_weights_names_the_download_command(tmp_path):
     assert lit_outputs(d) == []
 
 
+@pytest.mark.slow
 def test_unknown_model_name_lists_the_supported_ones(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--model_name", "phi-9")
@@ -154,12 +159,14 @@ def test_unknown_model_name_lists_the_supported_ones(tmp_path):
     assert lit_outputs(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_unknown_dtype(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--dtype", "int3")
     assert_one_line_error(proc, "int3", "bfloat16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("damage", ["truncate", "garble"])
 def test_corrupt_weight_file_is_named(tmp_path, fmt, damage):
@@ -176,6 +183,7 @@ def test_corrupt_weight_file_is_named(tmp_path, fmt, damage):
     assert lit_outputs(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_missing_shard_is_named(tmp_path):
     make_hf_checkpoint(tmp_path, shards=2, tokenizer=False)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
@@ -190,6 +198,7 @@ def _edit_weights(d: Path, edit) -> None:
     save_file(sd, str(path), metadata={"format": "pt"})
 
 
+@pytest.mark.slow
 def test_missing_tensor_is_named(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     _edit_weights(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.fc2.bias"))
@@ -198,6 +207,7 @@ def test_missing_tensor_is_named(tmp_path):
     assert lit_outputs(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_unexpected_tensor_is_named(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     _edit_weights(tmp_path, lambda sd: sd.update({"model.layers.2.mlp.fc1.weight": torch.zeros(4, 4)}))
@@ -206,6 +216,7 @@ def test_unexpected_tensor_is_named(tmp_path):
     assert lit_outputs(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_shape_mismatch_is_found_before_anything_is_written(tmp_path):
     """The LM head comes last in the file; its shape is checked from the header before any writing."""
     make_hf_checkpoint(tmp_path, tokenizer=False)
@@ -215,6 +226,7 @@ def test_shape_mismatch_is_found_before_anything_is_written(tmp_path):
     assert lit_outputs(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_config_that_does_not_match_the_weights(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -232,6 +244,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_bin_checkpoint_cannot_run_code(tmp_path):
     make_hf_checkpoint(tmp_path, formats=("bin",), tokenizer=False)
     marker = tmp_path / "pwned"
@@ -268,6 +281,7 @@ def test_interrupted_conversion_leaves_no_model_file(tmp_path):
     assert lit_outputs(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_lit_checkpoint_without_config(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     convert_hf_checkpoint(tmp_path, show_progress=False)
@@ -278,6 +292,7 @@ def test_lit_checkpoint_without_config(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["{not json", '{"n_embd": "wide"}', "[1, 2]"])
 def test_lit_checkpoint_with_malformed_config(tmp_path, content):
     make_hf_checkpoint(tmp_path, tokenizer=False)
@@ -291,6 +306,7 @@ def test_lit_checkpoint_with_malformed_config(tmp_path, content):
         load_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_lit_checkpoint_that_does_not_match_its_config(tmp_path):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     convert_hf_checkpoint(tmp_path, show_progress=False)
@@ -332,6 +348,7 @@ print(status("VmHWM") - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_conversion_memory_stays_near_one_tensor(tmp_path, fmt):
     """Peak resident memory grows by a small part of the model, not by the model (300 MB here)."""
@@ -352,6 +369,7 @@ def test_conversion_memory_stays_near_one_tensor(tmp_path, fmt):
     assert converting < model_bytes / 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_load_memory_follows_the_result(tmp_path, mode):
     """Quantizing at load hands the float pages back: peak growth is near the quantized size, not float + quantized."""

@@ -173,6 +173,7 @@ def test_help_documents_every_option(tmp_path):
 # ------------------------------------------------------------------------------------------ what is fetched
 
 
+@pytest.mark.slow
 def test_phi2_sharded_safetensors_download_converts_and_runs(hub, tmp_path):
     from lit_gpt.convert import convert_hf_checkpoint
 
@@ -195,6 +196,7 @@ def test_phi2_sharded_safetensors_download_converts_and_runs(hub, tmp_path):
     assert "0 B downloaded now" in proc.stderr
 
 
+@pytest.mark.slow
 def test_phi15_default_takes_safetensors_only_and_convert_flag_works(hub, tmp_path):
     proc = download(hub, tmp_path, PHI15, "--convert", "True")
     assert_ok(proc)
@@ -215,6 +217,7 @@ def test_from_safetensors_picks_one_kind(hub, tmp_path, flag, weights, other):
     assert hub.bytes_served(PHI15, other) == 0
 
 
+@pytest.mark.slow
 def test_missing_kind_falls_back_with_a_note_and_old_weights_are_replaced(hub, tmp_path):
     from lit_gpt.convert import convert_hf_checkpoint
 
@@ -233,6 +236,7 @@ def test_missing_kind_falls_back_with_a_note_and_old_weights_are_replaced(hub, t
     assert_runs_like(hub.models["phi-1_5-old"], ckpt)
 
 
+@pytest.mark.slow
 def test_new_weights_under_an_old_conversion_get_a_note(hub, tmp_path):
     ckpt = tmp_path / "checkpoints" / PHI15
     assert_ok(download(hub, tmp_path, PHI15, "--convert", "True"))
@@ -245,6 +249,7 @@ def test_new_weights_under_an_old_conversion_get_a_note(hub, tmp_path):
             f"`python scripts/convert_hf_checkpoint.py --checkpoint_dir {ckpt}`") in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("revision", ["v1.0", "sha"])
 def test_revision_pins_an_older_commit(hub, tmp_path, revision):
     from lit_gpt.convert import convert_hf_checkpoint
@@ -270,6 +275,7 @@ def test_tokenizer_only(hub, tmp_path):
 # ------------------------------------------------------------------------------------------- interruptions
 
 
+@pytest.mark.slow
 def test_dropped_connection_is_resumed_within_the_run(hub, tmp_path):
     hub.drop_after(PHI2, SHARDS[0], 200_000)
     assert_ok(download(hub, tmp_path, PHI2))
@@ -279,6 +285,7 @@ def test_dropped_connection_is_resumed_within_the_run(hub, tmp_path):
     assert ("GET", "bytes=200000-") in {(m, r) for m, p, r in hub.requests if "/cdn/" in p}
 
 
+@pytest.mark.slow
 def test_rerun_after_a_failed_run_continues_where_it_stopped(hub, tmp_path):
     # the connection drops partway through the shard, and keeps dropping until the run gives up
     hub.drop_after(PHI2, SHARDS[0], 200_000, 0, 0, 0, 0)
@@ -297,6 +304,7 @@ def test_rerun_after_a_failed_run_continues_where_it_stopped(hub, tmp_path):
     assert not partials(ckpt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["kill", "ctrl-c"])
 def test_interrupted_process_resumes_on_the_next_run(hub, tmp_path, how):
     ckpt = tmp_path / "checkpoints" / PHI2
@@ -332,6 +340,7 @@ def test_interrupted_process_resumes_on_the_next_run(hub, tmp_path, how):
 # -------------------------------------------------------------------------------------------- verification
 
 
+@pytest.mark.slow
 def test_corrupted_transfer_is_deleted_and_a_rerun_fixes_it(hub, tmp_path):
     hub.corrupt(PHI2, SHARDS[1])
     proc = download(hub, tmp_path, PHI2)
@@ -347,6 +356,7 @@ def test_corrupted_transfer_is_deleted_and_a_rerun_fixes_it(hub, tmp_path):
     assert hub.bytes_served(PHI2, SHARDS[0]) == 0
 
 
+@pytest.mark.slow
 def test_a_changed_local_file_is_detected_and_fetched_again(hub, tmp_path):
     assert_ok(download(hub, tmp_path, PHI2))
     ckpt = tmp_path / "checkpoints" / PHI2
@@ -380,6 +390,7 @@ def files_read(hub, tmp_path, ckpt: Path) -> set[str]:
     return {Path(line).name for line in proc.stdout.splitlines() if Path(line).parent == ckpt}
 
 
+@pytest.mark.slow
 def test_rerun_trusts_unchanged_files_and_rehashes_touched_ones(hub, tmp_path):
     assert_ok(download(hub, tmp_path, PHI2))
     ckpt = tmp_path / "checkpoints" / PHI2
@@ -392,6 +403,7 @@ def test_rerun_trusts_unchanged_files_and_rehashes_touched_ones(hub, tmp_path):
     assert files_read(hub, tmp_path, ckpt) == parsed  # and recorded anew
 
 
+@pytest.mark.slow
 def test_offline_mode_uses_a_finished_download(hub, tmp_path):
     assert_ok(download(hub, tmp_path, PHI2))
     hub.reset_counts()
@@ -414,6 +426,7 @@ def closed_port() -> int:
 
 @pytest.mark.parametrize("case", ["unknown repo", "unknown revision", "unreachable", "gated, no token",
                                   "gated, token without access", "invalid token", "private, no token"])
+@pytest.mark.slow
 def test_hub_errors_are_one_line_and_leave_nothing(hub, tmp_path, case):
     repo_id, args, env, needles = PHI2, [], {}, []
     if case == "unknown repo":
@@ -436,6 +449,7 @@ def test_hub_errors_are_one_line_and_leave_nothing(hub, tmp_path, case):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repo_id, how", [(GATED, "flag"), (GATED, "env"), (PRIVATE, "flag")])
 def test_gated_and_private_repos_with_a_token(hub, tmp_path, repo_id, how):
     if how == "flag":
@@ -479,6 +493,7 @@ def test_not_enough_free_space_is_found_before_the_weights(hub, tmp_path):
     assert all(hub.bytes_served(PHI2, name) == 0 for name in SHARDS + ["tokenizer.json"])
 
 
+@pytest.mark.slow
 def test_disk_full_during_the_download(hub, tmp_path):
     from lit_gpt.transfer import RemoteFile, partial_path
 
@@ -504,7 +519,7 @@ def test_the_download_imports_neither_torch_nor_the_converter(tmp_path):
             f"sys.argv = [{str(SCRIPT)!r}]\n"
             f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"  # (puts the repo on sys.path)
             "import lit_gpt.download\n"
-            "assert not {'torch', 'lit_gpt.checkpoint', 'lit_gpt.convert'} & set(sys.modules), sorted(sys.modules)\n")
+            "assert not {'torch', 'lit_gpt.convert', 'lit_gpt.load'} & set(sys.modules), sorted(sys.modules)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=hub_env(None, tmp_path),
                           capture_output=True, text=True, timeout=60)
     assert_ok(proc)
@@ -514,6 +529,7 @@ def test_the_download_imports_neither_torch_nor_the_converter(tmp_path):
 # ----------------------------------------------------------------------------------------- the server itself
 
 
+@pytest.mark.slow
 def test_loopback_hub_serves_huggingface_hubs_own_downloads(hub, tmp_path):
     """snapshot_download and hf_hub_download (HEAD, 302 to the CDN, tree, X-Linked-*) work against the server."""
     code = ("import sys\n"

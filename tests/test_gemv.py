@@ -255,6 +255,7 @@ def test_operations_decline_what_the_kernels_cannot_take(case):
     assert (y is not None) == case.endswith("ok"), case
 
 
+@pytest.mark.slow
 def test_without_kernels_every_operation_declines(tmp_path):
     code = ("import torch; from lit_gpt import gemv; bf16 = torch.bfloat16; x = torch.ones(1, 64, dtype=bf16); "
             "print(gemv.linear_bf16(x, torch.ones(8, 64, dtype=bf16), None) is None, "
@@ -267,6 +268,7 @@ def test_without_kernels_every_operation_declines(tmp_path):
     assert not list(tmp_path.rglob("*.so"))
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_the_first_call_loads_the_kernels(tmp_path):
     """No need to ask first: an operation's first call builds and loads the library."""
@@ -308,6 +310,7 @@ def _probe(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
 
 
+@pytest.mark.slow
 def test_disabled_by_environment_falls_back_to_pytorch(tmp_path):
     proc = _probe(tmp_path, LIT_GPT_GEMV="0")
     assert proc.returncode == 0, proc.stderr
@@ -315,6 +318,7 @@ def test_disabled_by_environment_falls_back_to_pytorch(tmp_path):
     assert not list(tmp_path.rglob("*.so"))  # nothing was built
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_a_failing_compiler_gives_one_note_and_falls_back(tmp_path):
     proc = _probe(tmp_path, CC="false")  # `false` exists and fails, as a broken toolchain would
@@ -335,6 +339,7 @@ def _compiler(tmp_path: Path, name: str, version: str = "") -> str:
     return str(script)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_built_once_then_loaded_from_the_cache(tmp_path):
     cc = _compiler(tmp_path, "cc-wrapper")
@@ -348,6 +353,7 @@ def test_built_once_then_loaded_from_the_cache(tmp_path):
     assert built[0].stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_another_compiler_builds_a_library_of_its_own(tmp_path):
     """The build cache is keyed by the compiler (its path and --version) besides the source and the flags."""
@@ -392,6 +398,7 @@ def _prefill_then_decode(model, idx: torch.Tensor, prefill: int = 5) -> torch.Te
     return torch.stack(steps, dim=1)
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypatch):
     from lit_gpt.config import Config
@@ -415,6 +422,7 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
 @needs_kernels
 @pytest.mark.parametrize(("batch", "n_head", "n_groups", "rotary_percentage"),
                          [(1, 4, 4, 0.5), (2, 8, 2, 0.4), (3, 4, 1, 1.0)])
+@pytest.mark.slow
 def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, batch, n_head, n_groups,
                                                                     rotary_percentage):
     """attend_decode (rotary embedding, cache write and attention in one call) computes what the model's
@@ -497,6 +505,7 @@ print("after", small.item())
 """
 
 
+@pytest.mark.slow
 @needs_kernels
 def test_kernels_raise_memory_error_when_their_scratch_cannot_be_allocated():
     """The int8/int4 products and the attention allocate scratch memory per call: where that fails they raise

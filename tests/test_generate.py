@@ -55,6 +55,7 @@ def test_greedy_matches_transformers(ckpt, prompt_len):
     assert ours.tolist() == expected.tolist()
 
 
+@pytest.mark.slow
 def test_greedy_batch_matches_transformers(ckpt):
     _, hf, model, tokenizer = ckpt
     prompts = torch.randint(0, 50000, (3, 9))  # three different prompts of one length: no padding needed
@@ -89,6 +90,7 @@ class KernelCalls:
 @pytest.mark.parametrize(("dtype", "quantize", "kernel"), [
     (torch.float32, None, None), (torch.bfloat16, None, "gemv_bf16"), (torch.bfloat16, "int8", "gemv_int8"),
     (torch.bfloat16, "int4", "gemv_int4")])
+@pytest.mark.slow
 def test_compiled_decode_gives_the_eager_tokens(ckpt, dtype, quantize, kernel, monkeypatch):
     d = ckpt[0]
     model = load_model(d, dtype=dtype, quantize=quantize, group_size=32)
@@ -350,6 +352,7 @@ def run_script(*args, timeout=120) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_generate_script_streams_continuation_and_stats(ckpt):
     d, _, model, tokenizer = ckpt
     prompt = "Alice: hi 😀 日本語\nBob:"
@@ -366,6 +369,7 @@ def test_generate_script_streams_continuation_and_stats(ckpt):
     assert "Peak memory:" in err
 
 
+@pytest.mark.slow
 def test_generate_script_samples_with_seed(ckpt):
     d, _, model, tokenizer = ckpt
     r = run_script("--prompt", "Instruct: hi", "--checkpoint_dir", str(d), "--max_new_tokens", "16",
@@ -379,6 +383,7 @@ def test_generate_script_samples_with_seed(ckpt):
     assert r.stdout.decode("utf-8") == expected
 
 
+@pytest.mark.slow
 def test_generate_script_prompt_too_long(ckpt):
     d = ckpt[0]
     r = run_script("--prompt", "word " * 199 + "word", "--checkpoint_dir", str(d))

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from hf_checkpoints import make_hf_checkpoint, tiny_hf_config
 from lit_gpt import gemv
-from lit_gpt.checkpoint import convert_hf_checkpoint, load_model
+from lit_gpt.convert import convert_hf_checkpoint
+from lit_gpt.load import load_model
 from lit_gpt.config import Config
 from lit_gpt.model import GPT, KVCache, Window
 
@@ -15,8 +16,12 @@ SHAPES = [(64, 4, 0.5), (80, 4, 0.4), (96, 3, 1.0), (160, 2, 0.4)]
 SCHEMES = ["phi", "phi-msft", "mixformer-sequential"]
 
 
-@pytest.fixture(scope="module", params=[(s, scheme) for s in SHAPES for scheme in SCHEMES],
-                ids=lambda p: f"{p[0][0]}x{p[0][1]}-rot{p[0][2]}-{p[1]}")
+# the first pair in the fast tier, all of them in the full suite
+PAIRS = [pytest.param((s, scheme), marks=() if i == 0 else pytest.mark.slow)
+         for i, (s, scheme) in enumerate((s, scheme) for s in SHAPES for scheme in SCHEMES)]
+
+
+@pytest.fixture(scope="module", params=PAIRS, ids=lambda p: f"{p[0][0]}x{p[0][1]}-rot{p[0][2]}-{p[1]}")
 def pair(request, tmp_path_factory):
     (n_embd, n_head, rotary), scheme = request.param
     d = tmp_path_factory.mktemp("ckpt")

@@ -73,6 +73,7 @@ def micro_run(corpus, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_micro_run_lowers_validation_loss(micro_run):
     rows = metrics(micro_run)
     val = val_losses(rows)
@@ -87,6 +88,7 @@ def test_micro_run_lowers_validation_loss(micro_run):
     assert record["final_val_loss"] == pytest.approx(val[-1])
 
 
+@pytest.mark.slow
 def test_progress_line_and_checkpoint(micro_run):
     progress = [line for line in (micro_run / "stdout.txt").read_text().splitlines() if line.startswith("step ")]
     assert re.fullmatch(r"step 10/60 \| loss \d+\.\d{4} \| lr \S+ \| [\d,]+ tok/s \| 0\.0M tokens \| ETA \d:\d\d:\d\d",
@@ -97,6 +99,7 @@ def test_progress_line_and_checkpoint(micro_run):
     assert saved["step"] == 60 and set(saved) >= {"model", "optimizer", "config", "tokenizer_sha256"}
 
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_equal_logits(micro_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,6 +134,7 @@ def interrupt_at(args: list, line_prefix: str, signum: int = signal.SIGINT) -> s
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_resume_after_ctrl_c_gives_the_same_losses(corpus, micro_run, tmp_path):
     out = tmp_path / "run"
     args = ["--data_dir", corpus, "--out_dir", out, *TINY, "--max_steps", 60, "--eval_interval", 30,
@@ -156,6 +160,7 @@ def test_resume_after_ctrl_c_gives_the_same_losses(corpus, micro_run, tmp_path):
     assert metrics(out) == metrics(micro_run)  # every step's loss and every validation loss
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
     args = ["--data_dir", corpus, "--out_dir", out, *TINY, "--max_steps", 100000, "--eval_interval", 0,
@@ -166,6 +171,7 @@ def test_sigterm_stops_with_a_checkpoint(corpus, tmp_path):
     assert not list((out / "checkpoints").glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_give_the_losses_of_one(corpus, micro_run, tmp_path):
     out = tmp_path / "ddp"
     proc = pretrain("--data_dir", corpus, "--out_dir", out, *TINY, "--max_steps", 60, "--eval_interval", 30,
@@ -193,6 +199,7 @@ def test_split_is_by_file_and_stable():
     assert set(val2) == set(val) & set(files[:100]) and val2
 
 
+@pytest.mark.slow
 def test_binary_and_undecodable_files_are_skipped_and_counted(corpus, tmp_path):
     folder = tmp_path / "mixed"
     shutil.copytree(corpus, folder)
@@ -206,6 +213,7 @@ def test_binary_and_undecodable_files_are_skipped_and_counted(corpus, tmp_path):
     assert skipped["train"] + skipped["val"] == 2
 
 
+@pytest.mark.slow
 def test_token_files_are_made_once(corpus, tmp_path):
     out = tmp_path / "out"
     assert pretrain("--data_dir", corpus, "--out_dir", out, *TINY, "--max_steps", 2, "--eval_interval", 0).returncode == 0
@@ -216,6 +224,7 @@ def test_token_files_are_made_once(corpus, tmp_path):
     assert (out / "data" / "train.bin").stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_an_existing_tokenizer_is_used(corpus, micro_run, tmp_path):
     out = tmp_path / "out"
     proc = pretrain("--data_dir", corpus, "--out_dir", out, *TINY, "--max_steps", 2, "--eval_interval", 0,
@@ -235,12 +244,14 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_no_matching_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello")
     line = one_error_line(pretrain("--data_dir", tmp_path, "--out_dir", tmp_path / "o", *TINY, "--max_steps", 2))
     assert "no files with extension .py" in line
 
 
+@pytest.mark.slow
 def test_missing_data_dir_and_a_file_as_data_dir(tmp_path):
     line = one_error_line(pretrain("--data_dir", tmp_path / "nope", "--out_dir", tmp_path / "o", *TINY,
                                    "--max_steps", 2))
@@ -251,6 +262,7 @@ def test_missing_data_dir_and_a_file_as_data_dir(tmp_path):
     assert "is not a directory" in line
 
 
+@pytest.mark.slow
 def test_corpus_smaller_than_one_window(tmp_path):
     for i in range(3):
         (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
@@ -267,17 +279,20 @@ def test_corpus_smaller_than_one_window(tmp_path):
     (["--max_steps", "2", "--val_fraction", "1.5"], "--val_fraction must be between 0 and 1"),
     (["--max_steps", "2", "--vocab_size", "100"], "--vocab_size must be > 256"),
 ])
+@pytest.mark.slow
 def test_bad_numbers(corpus, tmp_path, flags, message):
     line = one_error_line(pretrain("--data_dir", corpus, "--out_dir", tmp_path / "o", *TINY, *flags))
     assert message in line
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_bad_choice_is_refused_by_the_parser(corpus, tmp_path):
     proc = pretrain("--data_dir", corpus, "--out_dir", tmp_path / "o", *TINY, "--max_steps", 2, "--strategy", "deepspeed")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "deepspeed" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_or_tokenizer(corpus, micro_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(micro_run, out)

@@ -162,6 +162,7 @@ def test_state_dict_wrong_group_size_is_a_user_error():
         other.load_state_dict(state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "group_size"), CASES)
 def test_torch_compile_matches_eager(mode, group_size):
     torch._dynamo.reset()

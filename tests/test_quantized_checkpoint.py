@@ -125,6 +125,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_quantize_script_then_generate_uses_the_saved_checkpoint(ckpt):
     proc = _run("scripts/quantize.py", "--checkpoint_dir", str(ckpt), "--quantize", "int4", "--group_size", "64",
                 "--precision", "bf16-true")
@@ -148,6 +149,7 @@ def test_quantize_script_then_generate_uses_the_saved_checkpoint(ckpt):
     (("--quantize", "int4", "--group_size", "48"), "int4 group size must be one of"),
     (("--precision", "fp8"), "--precision: unknown value 'fp8'"),
 ])
+@pytest.mark.slow
 def test_quantize_script_bad_options_are_one_error_line(ckpt, args, message):
     proc = _run("scripts/quantize.py", "--checkpoint_dir", str(ckpt), *args)
     assert proc.returncode == 1
@@ -156,6 +158,7 @@ def test_quantize_script_bad_options_are_one_error_line(ckpt, args, message):
     assert not list(ckpt.glob("lit_model.int*")) and not list(ckpt.glob(".lit_model*"))
 
 
+@pytest.mark.slow
 def test_quantize_script_on_a_corrupt_checkpoint_writes_nothing(ckpt):
     source = ckpt / "lit_model.pth"
     source.write_bytes(source.read_bytes()[:1000])
@@ -164,6 +167,7 @@ def test_quantize_script_on_a_corrupt_checkpoint_writes_nothing(ckpt):
     assert not list(ckpt.glob("lit_model.int*")) and not list(ckpt.glob(".lit_model*"))
 
 
+@pytest.mark.slow
 def test_quantize_script_without_a_converted_checkpoint_names_the_convert_command(tmp_path):
     proc = _run("scripts/quantize.py", "--checkpoint_dir", str(tmp_path / "nothing"))
     assert proc.returncode == 1 and "convert_hf_checkpoint.py" in proc.stderr
