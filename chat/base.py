@@ -7,7 +7,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_gpt.cli import GenerationOptions, load_for_inference, open_checkpoint, run_cli, unescape
+from lit_gpt.cli import GenerationOptions, clean_text, load_for_inference, open_checkpoint, run_cli, unescape
 from lit_gpt.generate import ChatSession, compile_decode, make_generator
 from lit_gpt.prompts import StyleName, style_for_checkpoint
 from lit_gpt.utils import InvalidArgument, UserError
@@ -41,6 +41,9 @@ def main(
     """
     if max_new_tokens < 1:
         raise InvalidArgument("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("chat reads the prompts from stdin, which is closed; run it in a terminal or pipe prompts in")
+    sys.stdin.reconfigure(errors="replace")  # a prompt that is not valid UTF-8 keeps the conversation going
     device, precision, dtype, tokenizer, _ = open_checkpoint(checkpoint_dir, options)
     style = style_for_checkpoint(checkpoint_dir, prompt_style)
     model = load_for_inference(checkpoint_dir, options, device, precision, dtype)
@@ -52,7 +55,6 @@ def main(
         decode_forward=compile_decode(model) if options.compile else None, **options.sampling(),
     )
     print(f"Empty prompt or Ctrl-D: exit. Ctrl-C: stop a reply. {RESET}: new conversation.", file=err, flush=True)
-
     while True:
         try:
             prompt = input(">> Prompt: ")
@@ -66,29 +68,36 @@ def main(
             print("[new conversation]", file=err, flush=True)
             continue
         print(">> Reply: ", end="", flush=True)
-        replies = session.reply(unescape(prompt) if escapes else prompt)
-        started = False
-        try:
-            for chunk in replies:
-                if not started:  # the model's reply starts with the space after "Output:"; don't show it
-                    chunk = chunk.lstrip()
-                    started = bool(chunk)
-                print(chunk, end="", flush=True)
-        except KeyboardInterrupt:
-            replies.close()  # commits the part shown (a no-op if the interrupt came from inside the generator)
-            print(flush=True)
-            print("[reply interrupted]", file=err, flush=True)
-            continue
-        except UserError as e:
-            print(flush=True)
-            print(f"[{e}]", file=err, flush=True)
-            continue
+        reply(session, clean_text(unescape(prompt) if escapes else prompt))
+
+
+def reply(session: ChatSession, prompt: str) -> None:
+    """Stream one reply; Ctrl-C stops it (what was shown stays in the conversation), a prompt too long for the
+    context is a notice and the conversation goes on."""
+    err = sys.stderr
+    replies = session.reply(prompt)
+    started = False
+    try:
+        for chunk in replies:
+            if not started:  # the model's reply starts with the space after "Output:"; don't show it
+                chunk = chunk.lstrip()
+                started = bool(chunk)
+            print(chunk, end="", flush=True)
+    except KeyboardInterrupt:
+        replies.close()  # commits the part shown (a no-op if the interrupt came from inside the generator)
         print(flush=True)
-        s = session.stats
-        rate = s["tokens"] / s["seconds"] if s["seconds"] else float("nan")
-        print(f"Time for inference: {s['seconds']:.2f} s, {rate:.2f} tokens/s, {s['tokens']} tokens "
-              f"({s['prefill_tokens']} prefilled, first token after {s['first_token_seconds']:.3f} s)",
-              file=err, flush=True)
+        print("[reply interrupted]", file=err, flush=True)
+        return
+    except UserError as e:
+        print(flush=True)
+        print(f"[{e}]", file=err, flush=True)
+        return
+    print(flush=True)
+    s = session.stats
+    rate = s["tokens"] / s["seconds"] if s["seconds"] else float("nan")
+    print(f"Time for inference: {s['seconds']:.2f} s, {rate:.2f} tokens/s, {s['tokens']} tokens "
+          f"({s['prefill_tokens']} prefilled, first token after {s['first_token_seconds']:.3f} s)",
+          file=err, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from lit_gpt.cli import GenerationOptions, load_for_inference, open_checkpoint, run_cli, unescape
-from lit_gpt.device import decode_step_bytes, peak_memory, sync
+from lit_gpt.cli import GenerationOptions, clean_text, load_for_inference, open_checkpoint, run_cli, unescape
+from lit_gpt.device import decode_step_bytes, free_memory, kv_cache_bytes, peak_memory, sync
 from lit_gpt.generate import check_context, compile_decode, generate, make_generator, stream
 from lit_gpt.prompts import StyleName, get_style
 from lit_gpt.utils import InvalidArgument
@@ -50,11 +50,15 @@ def main(
     if max_new_tokens < 1:
         raise InvalidArgument("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
     style = get_style(prompt_style)
-    text = style.apply(unescape(prompt) if escapes else prompt)
+    text = style.apply(clean_text(unescape(prompt) if escapes else prompt))
     device, precision, dtype, tokenizer, config = open_checkpoint(checkpoint_dir, options)
     ids = tokenizer.encode(text, device=device)
     max_returned_tokens = len(ids) + max_new_tokens
     check_context(config.block_size, len(ids), max_returned_tokens)  # before loading the weights
+    need, free = kv_cache_bytes(config, num_samples, max_returned_tokens, dtype), free_memory(device)
+    if need > free:
+        raise InvalidArgument("num_samples", f"is too large: {num_samples} samples of {max_returned_tokens} tokens "
+                              f"need {need / 1e9:.1f} GB of KV cache but {free / 1e9:.1f} GB are free; use fewer")
     model = load_for_inference(checkpoint_dir, options, device, precision, dtype)
     model.set_kv_cache(num_samples, max_seq_length=max_returned_tokens)
     kwargs = dict(num_samples=num_samples, stop_sequences=style.stop_sequences, top_k=options.top_k,

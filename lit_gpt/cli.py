@@ -7,6 +7,9 @@ Nothing else in lit_gpt/ knows about flags or scripts: the library raises `UserE
 """
 
 import dataclasses
+import errno
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -39,29 +42,78 @@ def error_line(e: UserError) -> str:
     return str(e)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups run as for Ctrl-C (but chat does not take it for a
+    request to stop a reply)."""
+
+
 def run_cli(fn: Callable) -> None:
     """Run `fn` as a command line: one flag per parameter, documented by its docstring. A parameter whose
     type is a dataclass (options shared by several scripts, such as `GenerationOptions`) contributes its
     fields as flags of their own, documented by the dataclass's docstring.
 
-    A UserError ends as one line on stderr and exit code 1; running out of memory (host or GPU) too; Ctrl-C
-    exits with 130 and a short notice instead of a traceback.
+    A UserError, an OS error (disk full, read-only, permission, a file where a directory belongs) and running
+    out of memory end as one line on stderr and exit code 1. Ctrl-C exits with 130 and SIGTERM with 143, after
+    the same cleanups (no half-written file stays); a closed stdout (`| head`) ends quietly.
     """
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         kwargs = parse(fn, sys.argv[1:])
         fn(**kwargs)
     except UserError as e:
-        print(f"error: {error_line(e)}", file=sys.stderr)
-        raise SystemExit(1)
+        _fail(error_line(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        raise SystemExit(143)
+    except BrokenPipeError:
+        # the reader went away: nothing more can be shown, and Python's final flush must not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141)
+    except OSError as e:
+        _fail(os_error_line(e))
     except Exception as e:
-        torch = sys.modules.get("torch")  # (download does not import it)
-        if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
-            print(f"error: out of memory: {first_line(e)}", file=sys.stderr)
-            raise SystemExit(1)
+        if _out_of_memory(e):
+            _fail(f"out of memory: {first_line(e)}")
         raise
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _fail(line: str) -> None:
+    print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def os_error_line(e: OSError) -> str:
+    """An OS error as what it means for the user."""
+    where = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {where}: {e.strerror}; free some space and run the command again"
+    if e.errno == errno.EROFS:
+        return f"cannot write {where}: the file system is read-only; choose another directory"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied: {where}"
+    if e.errno == errno.ENOTDIR:
+        return f"{where}: a file stands where the path needs a directory"
+    if e.errno == errno.EISDIR:
+        return f"{where} is a directory, not a file"
+    if e.errno == errno.ENOENT:
+        return f"{where} does not exist"
+    return f"{where}: {e.strerror or first_line(e)}"
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """Running out of memory: Python's MemoryError, torch's OutOfMemoryError, or a CPU allocation that torch
+    reports as a plain RuntimeError."""
+    torch = sys.modules.get("torch")  # (download does not import it)
+    if isinstance(e, MemoryError) or (torch is not None and isinstance(e, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def parse(fn: Callable, args: list[str]) -> dict:
@@ -197,3 +249,9 @@ def unescape(text: str) -> str:
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+def clean_text(text: str) -> str:
+    """Text from the command line or a terminal with any bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) replaced by U+FFFD, so that they can be tokenized."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

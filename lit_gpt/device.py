@@ -67,3 +67,24 @@ def peak_memory(device: torch.device) -> str:
 def sync(device: Union[torch.device, str]) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def kv_cache_bytes(config, batch_size: int, length: int, dtype: torch.dtype) -> int:
+    """Bytes of the KV cache (keys and values of every layer) and its causal mask for `batch_size` sequences of
+    `length` tokens."""
+    per_layer = 2 * batch_size * config.n_query_groups * length * config.head_size * dtype.itemsize
+    return config.n_layer * per_layer + length * length
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated: CUDA's free memory, or the host's MemAvailable (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: allocation itself will say

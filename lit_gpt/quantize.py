@@ -35,12 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_gpt import gemv
+from lit_gpt.choices import INT4_GROUP_SIZES, OWN_QUANTIZE_MODES
 from lit_gpt.utils import UserError
 
 aten = torch.ops.aten
 
-MODES = ("int8", "int4")
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what both tinygemm kernels accept
 # Quantize this many weight elements at a time: the float32 temporaries (4 MB) stay in cache, which
 # measured 2-4x faster than 16-64 MB chunks, and memory does not grow with the layer size.
 # Row chunks are multiples of 64: the int4 packings work on independent blocks of at most 64 rows
@@ -71,8 +70,8 @@ def quantize_model(
     """
     if isinstance(model, nn.Linear):
         raise UserError("quantize_model replaces the Linear layers inside a model: wrap a bare Linear in a module")
-    if mode not in MODES:
-        raise UserError(f"unknown quantization mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode not in OWN_QUANTIZE_MODES:
+        raise UserError(f"unknown quantization mode {mode!r}: choose one of {', '.join(OWN_QUANTIZE_MODES)}")
     if mode == "int4":
         check_int4_group_size(group_size)
     # check every layer before touching any, so a bad shape leaves the model as it was

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+
 class IncrementalTensorWriter:
     """Writes a torch.save-compatible state dict one tensor at a time.
 
@@ -17,7 +18,10 @@ class IncrementalTensorWriter:
     """
 
     def __init__(self, path: Path) -> None:
-        self.zip = torch._C.PyTorchFileWriter(str(path))
+        # torch writes through our file object: a full disk or any other write error then reaches us as the
+        # OSError it is (with a path given, torch reports only "iostream error")
+        self.file = open(path, "wb")
+        self.zip = torch._C.PyTorchFileWriter(self.file)
         self.tensors: dict[str, _SavedTensor] = OrderedDict()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -48,10 +52,17 @@ class IncrementalTensorWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.zip.write_end_of_file()  # close the file; the caller discards it
+        try:
+            if exc_type is None:
+                self.close()
+            else:
+                try:  # the caller discards the file; finishing it here keeps torch from finishing it in its
+                    # destructor, which aborts the process when the archive is broken
+                    self.zip.write_end_of_file()
+                except RuntimeError:
+                    pass
+        finally:
+            self.file.close()
 
 
 class _SavedStorage:

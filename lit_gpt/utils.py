@@ -42,18 +42,43 @@ def first_line(e: Exception, limit: int = 160) -> str:
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-
-    An interrupted or failed write never leaves a half-written `path` behind.
-    """
+    """Yield a temporary path beside `path` (`.<name>.tmp<pid>`); rename it onto `path` only if the block
+    succeeds. An interrupted or failed write never leaves a half-written `path` behind, and temporaries of the
+    same file left by a process that died (kill -9, a crash) are removed first. An OSError names `path`."""
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename in (None, str(tmp)):
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete `.<name>.tmp<pid>` files beside `path` whose process is gone."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for old in path.parent.glob(f".{path.name}.tmp*"):
+        pid = old.name[len(path.name) + 5:]
+        if pid.isdigit() and not process_alive(int(pid)):
+            old.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def progress(items, total: int, desc: str, enabled: bool = True, unit: str = "tensor"):

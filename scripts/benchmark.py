@@ -10,6 +10,7 @@ from lit_gpt.benchmark import benchmark, print_table
 from lit_gpt.choices import WeightMode
 from lit_gpt.cli import run_cli
 from lit_gpt.files import LIT_MODEL
+from lit_gpt.quantize import check_int4_group_size
 from lit_gpt.utils import InvalidArgument
 
 
@@ -44,6 +45,8 @@ def main(
     """
     if max_new_tokens < 2:
         raise InvalidArgument("max_new_tokens", f"must be >= 2 (a decode speed needs two tokens), got {max_new_tokens}")
+    if "int4" in modes:
+        check_int4_group_size(group_size)
     if make_random and not (checkpoint_dir / LIT_MODEL).is_file():
         from lit_gpt.convert import convert_hf_checkpoint
         from lit_gpt.random_checkpoint import write_random_hf_checkpoint

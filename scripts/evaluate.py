@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt.convert import convert_if_needed
 from lit_gpt.choices import WeightMode
+from lit_gpt.quantize import check_int4_group_size
 from lit_gpt.evaluate import evaluate, file_tokens, held_out_tokens, print_table
 from lit_gpt.cli import run_cli
 from lit_gpt.utils import InvalidArgument
@@ -41,6 +42,9 @@ def main(
         raise InvalidArgument("batch_size", f"must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
         raise InvalidArgument("max_tokens", f"must be >= 2, got {max_tokens}")
+    if "int4" in modes:
+        for group_size in group_sizes:
+            check_int4_group_size(group_size)
     convert_if_needed(checkpoint_dir)
     tokens, about = file_tokens(checkpoint_dir, files) if files else held_out_tokens(checkpoint_dir, data_dir)
     if max_tokens is not None:
