@@ -91,8 +91,8 @@ def fetch(f: RemoteFile, url: str, local_dir: Path, headers: dict, state: "State
     try:
         received = _complete(f, url, partial, headers)
     except OSError as e:
-        if e.errno in DISK_FULL and not e.filename:
-            e.filename = str(partial)  # so the error can say where the space ran out
+        if e.errno is not None and not e.filename:  # a failed write names no file: say where it failed
+            e.filename = str(partial)
         raise
     if received is None:
         return None

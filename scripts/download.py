@@ -27,7 +27,8 @@ def main(
     Fetches config.json, generation_config.json, the tokenizer files and the weights, and nothing else.
     Re-running after an interruption resumes where it stopped; every file is checked against the size
     and hash the Hub publishes before it is kept. HF_TOKEN, HF_ENDPOINT (a mirror), HF_HUB_OFFLINE (use a
-    finished download without the network) and HF_HUB_DISABLE_PROGRESS_BARS are honored.
+    finished download without the network), HF_HUB_DISABLE_PROGRESS_BARS, and HF_HUB_ETAG_TIMEOUT and
+    HF_HUB_DOWNLOAD_TIMEOUT (seconds to wait for the Hub's answers and for file bytes) are honored.
 
     Args:
         repo_id: The repository on the Hub, e.g. microsoft/phi-2 (also microsoft/phi-1, microsoft/phi-1_5, or any
@@ -74,7 +75,11 @@ def convert_download(local_dir: Path) -> None:
         if e.errno in DISK_FULL:
             raise UserError(f"cannot write the converted checkpoint in {local_dir}: {e.strerror}; free some "
                             "space and run `python scripts/convert_hf_checkpoint.py` on it")
-        raise
+        if e.errno is None:
+            raise
+        # (the download itself is complete and verified: only the conversion needs doing again)
+        raise UserError(f"cannot convert the checkpoint in {local_dir}: {e.filename2 or e.filename}: {e.strerror}; "
+                        f"fix that and run `python scripts/convert_hf_checkpoint.py --checkpoint_dir {local_dir}`")
     print(f"converted: wrote {out} and {out.with_name(LIT_CONFIG)}", file=sys.stderr)
 
 

@@ -22,6 +22,11 @@ Authorization header" for a token the server does not know.
 
 For tests of interrupted downloads, the server counts the body bytes it sends per (repo, file), and can be told
 to drop the connection, or to stall, after N bytes of a file, on the next requests for it.
+
+To stand in for mirrors and proxies that speak the API less well than the Hub: `sizes_in_info = False` lists
+files in the repo info by name only (no size, blobId or LFS info, even for ?blobs=true); `intercept` answers the
+next requests to a URL with a plain HTTP error (no X-Error-Code), a body that is not the Hub's JSON, a body cut
+short, or no answer at all.
 """
 
 import hashlib
@@ -29,6 +34,7 @@ import json
 import socket
 import threading
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -87,6 +93,21 @@ class HubRepo:
         return rev if rev in self.commits else self.refs.get(rev)
 
 
+@dataclass
+class Interception:
+    """What the next `times` requests whose URL path contains `where` (on the hub or the CDN) get instead of
+    their answer. how: "answer" (status and body, and no X-Error-Code), "short" (a Content-Length that promises
+    more than the body, then the connection drops) or "hang" (nothing until `release` is set, then a drop)."""
+
+    where: str
+    status: int = 200
+    body: bytes = b""
+    content_type: str = "text/plain"
+    how: str = "answer"
+    times: int = 1
+    headers: dict = field(default_factory=dict)
+
+
 class HubServer:
     """The state shared by the handler threads, and the two listening servers (hub, cdn)."""
 
@@ -97,6 +118,8 @@ class HubServer:
         self.requests: list[tuple[str, str, Optional[str]]] = []  # (method, url path, Range header)
         self.faults: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)
         self.corrupted: set[tuple[str, str]] = set()
+        self.interceptions: list[Interception] = []
+        self.sizes_in_info = True  # False: the repo info lists file names only, as some mirrors do
         self.release = threading.Event()  # lets stalled responses go (they then drop the connection)
         self.lock = threading.Lock()
         self._hub = _Server(("127.0.0.1", 0), _Handler, self, cdn=False)
@@ -137,6 +160,22 @@ class HubServer:
         """Serve the file with one byte flipped (as a broken proxy or disk would), until turned off."""
         (self.corrupted.add if on else self.corrupted.discard)((repo_id, path))
 
+    def intercept(self, where: str, status: int = 200, body: bytes = b"", **kw) -> None:
+        """The next requests whose URL path contains `where` get this answer instead (see Interception)."""
+        with self.lock:
+            self.interceptions.append(Interception(where, status, body, **kw))
+
+    def next_interception(self, path: str) -> Optional[Interception]:
+        """The interception a request to `path` meets, if any (it counts as one of its `times`)."""
+        with self.lock:
+            for i in self.interceptions:
+                if i.where in path:
+                    i.times -= 1
+                    if i.times <= 0:
+                        self.interceptions.remove(i)
+                    return i
+        return None
+
     def bytes_served(self, repo_id: str, path: Optional[str] = None) -> int:
         with self.lock:
             return sum(n for (r, p), n in self.served.items() if r == repo_id and path in (None, p))
@@ -151,7 +190,9 @@ class HubServer:
         self.release.set()  # free any response still stalled
         with self.lock:
             self.faults.clear()
+            self.interceptions.clear()
         self.corrupted.clear()
+        self.sizes_in_info = True
         self.reset_counts()
         self.release = threading.Event()
 
@@ -203,6 +244,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if self.command == "POST" else b""
         with hub.lock:
             hub.requests.append((self.command, split.path, self.headers.get("Range")))
+        interception = hub.next_interception(split.path)
+        if interception is not None:
+            return self._intercepted(interception)
         try:
             if self.server.cdn:
                 if len(parts) == 2 and parts[0] == "cdn" and self.command in ("GET", "HEAD"):
@@ -263,7 +307,8 @@ class _Handler(BaseHTTPRequestHandler):
             "gated": "manual" if repo.gated else False, "disabled": False, "downloads": 0, "likes": 0,
             "library_name": "transformers", "tags": ["transformers", "safetensors", "phi", "text-generation"],
             "pipeline_tag": "text-generation",
-            "siblings": [f.sibling_json() if blobs else {"rfilename": f.path} for f in files.values()],
+            "siblings": [f.sibling_json() if blobs and self.server.hub.sizes_in_info else {"rfilename": f.path}
+                         for f in files.values()],
             "usedStorage": sum(f.size for f in files.values()),
         })
 
@@ -369,6 +414,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._drop()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _intercepted(self, i: Interception) -> None:
+        if i.how == "hang":
+            self.server.hub.release.wait(timeout=120)
+            return self._drop()
+        headers = dict(i.headers, **{"Content-Type": i.content_type})
+        if i.how == "short":
+            self._start(i.status, dict(headers, **{"Content-Length": str(len(i.body) + 1000)}))
+            if self.command != "HEAD":
+                self.wfile.write(i.body)
+            return self._drop()
+        self._send(i.status, headers, i.body)
 
     def _drop(self) -> None:
         """Close the TCP connection in the middle of the body, as a broken network would."""

@@ -545,3 +545,255 @@ def test_loopback_hub_serves_huggingface_hubs_own_downloads(hub, tmp_path):
     assert proc.stdout.split() == [hashlib.sha256(data).hexdigest(), str(len(data))]
     assert (tmp_path / "snap" / SHARDS[0]).read_bytes() == data
     assert (tmp_path / "snap" / INDEX).is_file() and not (tmp_path / "snap" / "merges.txt").exists()
+
+
+# ------------------------------------------------------------------------------- mirrors that list names only
+
+
+def state_records(ckpt: Path) -> dict:
+    """What the download recorded for each file: its size and the hash it was verified against."""
+    return json.loads((ckpt / ".cache" / "lit_gpt" / "download.json").read_text())["files"]
+
+
+@pytest.mark.slow
+def test_a_listing_without_sizes_downloads_the_same_verified_files(hub, tmp_path):
+    assert_ok(download(hub, tmp_path / "hub", PHI2))
+    hub.sizes_in_info = False  # file names only, no size, blobId or LFS info: sizes and hashes come from HEADs
+    hub.reset_counts()
+    assert_ok(download(hub, tmp_path / "mirror", PHI2))
+    from_hub, from_mirror = (tmp_path / where / "checkpoints" / PHI2 for where in ("hub", "mirror"))
+    assert files_in(from_mirror) == files_in(from_hub) == CONFIGS | TOKENIZER | {INDEX, *SHARDS}
+    for name in files_in(from_hub):
+        assert (from_mirror / name).read_bytes() == (from_hub / name).read_bytes() == (
+            hub.root / "phi-2" / name).read_bytes()
+    # verified against the same sizes and hashes: sha256 for the LFS files, the git blob id for the others
+    assert state_records(from_mirror) == state_records(from_hub)
+    assert state_records(from_mirror)[SHARDS[0]]["sha256"] == hashlib.sha256(
+        (hub.root / "phi-2" / SHARDS[0]).read_bytes()).hexdigest()
+    heads = sorted(path.rsplit("/", 1)[1] for method, path, _ in hub.requests if method == "HEAD")
+    assert heads == sorted(files_in(from_hub))  # one HEAD per file, nothing more
+
+
+def test_a_listing_without_sizes_still_verifies_what_arrives(hub, tmp_path):
+    hub.sizes_in_info = False
+    hub.corrupt(PHI15, "model.safetensors")
+    proc = download(hub, tmp_path, PHI15)
+    assert_one_line_error(proc, "model.safetensors", "did not match")
+    assert "model.safetensors" not in files_in(tmp_path / "checkpoints" / PHI15)
+
+
+def test_a_mirror_that_publishes_no_hash_is_refused(hub, tmp_path):
+    hub.sizes_in_info = False
+    hub.intercept("/resolve/", 200, b"{}", content_type="application/json")  # the HEAD of config.json: no ETag
+    proc = download(hub, tmp_path, PHI2)
+    assert_one_line_error(proc, "no size or no hash for config.json of microsoft/phi-2", "could not be verified")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------ plain HTTP errors: access, not found, later
+
+
+PLAIN_ERRORS = {  # case -> (where, status, flags, needles); plain: no X-Error-Code, as from a proxy or a mirror
+    "403 for the repo": ("/api/models/", 403, [], ["denied access to microsoft/phi-2 without a token (403",
+                                                   "--access_token", "HF_TOKEN"]),
+    "403 for the repo, with a token": ("/api/models/", 403, ["--access_token", "hf_good"],
+                                       ["denied access to microsoft/phi-2 with this token (403", "--access_token"]),
+    "401 for a file": ("/resolve/", 401, [], ["denied access to config.json of microsoft/phi-2 without a token "
+                                              "(401", "--access_token"]),
+    "401 for a file, with a token": ("/resolve/", 401, ["--access_token", "hf_good"],
+                                     ["the Hub rejected the access token (401", "--access_token"]),
+    "404 for the repo": ("/api/models/", 404, [], ["repository microsoft/phi-2 not found", "(404",
+                                                   "check the repo id"]),
+    "404 for the revision": ("/api/models/", 404, ["--revision", "v1.0"],
+                             ["microsoft/phi-2@v1.0 not found", "(404", "check the repo id and the revision"]),
+    "404 for a file": ("/resolve/", 404, [], ["config.json of microsoft/phi-2 not found", "(404",
+                                              "although the repo lists it"]),
+    "503 for the repo": ("/api/models/", 503, [], ["the Hub answered 503 Service Unavailable for microsoft/phi-2",
+                                                   "try again later", "a re-run resumes"]),
+    "429 for a file": ("/resolve/", 429, [], ["the Hub answered 429 Too Many Requests for config.json of "
+                                              "microsoft/phi-2", "try again later"]),
+    "502 for a file": ("/resolve/", 502, [], ["the Hub answered 502 Bad Gateway for config.json", "try again later"]),
+}
+
+
+def some_fast(cases, fast: set) -> list:
+    """The cases, those not in `fast` marked slow: one of each kind keeps the fast tier fast."""
+    return [pytest.param(case, marks=() if case in fast else pytest.mark.slow) for case in cases]
+
+
+@pytest.mark.parametrize("case", some_fast(PLAIN_ERRORS, {"403 for the repo", "404 for a file", "503 for the repo"}))
+def test_plain_http_errors_say_access_not_found_or_later(hub, tmp_path, case):
+    where, status, flags, needles = PLAIN_ERRORS[case]
+    hub.intercept(where, status, b"Sorry.")
+    proc = download(hub, tmp_path, PHI2, *flags)
+    line = assert_one_line_error(proc, *needles)
+    if status in (401, 403, 404):
+        assert "try again later" not in line
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def sha256_of(hub, shard: str) -> str:
+    """The sha256 of a phi-2 shard, which names it on the CDN."""
+    return hashlib.sha256((hub.root / "phi-2" / shard).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("status, needles", [(404, ["model-00002-of-00002.safetensors of microsoft/phi-2 not found",
+                                                    "although the repo lists it"]),
+                                             (403, ["denied access to model-00002-of-00002.safetensors of "
+                                                    "microsoft/phi-2 without a token (403"])])
+def test_plain_errors_from_the_cdn_name_the_file(hub, tmp_path, status, needles):
+    hub.intercept(f"/cdn/{sha256_of(hub, SHARDS[1])}", status)
+    proc = download(hub, tmp_path, PHI2)
+    assert_one_line_error(proc, *needles)
+    ckpt = tmp_path / "checkpoints" / PHI2
+    assert SHARDS[1] not in files_in(ckpt) and SHARDS[0] in files_in(ckpt)
+
+
+@pytest.mark.slow
+def test_server_errors_while_downloading_are_retried_then_say_later_and_a_rerun_resumes(hub, tmp_path):
+    hub.intercept(f"/cdn/{sha256_of(hub, SHARDS[1])}", 503, times=4)  # the GET and its 3 retries
+    proc = download(hub, tmp_path, PHI2)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # (after huggingface_hub's own "Retrying in 1s" warnings)
+    assert last.startswith("error: the Hub answered 503 Service Unavailable for model-00002-of-00002.safetensors "
+                           "of microsoft/phi-2")
+    assert "try again later (a re-run resumes where this one stopped)" in last
+    ckpt = tmp_path / "checkpoints" / PHI2
+    assert SHARDS[1] not in files_in(ckpt) and SHARDS[0] in files_in(ckpt)
+
+    hub.reset_counts()
+    assert_ok(download(hub, tmp_path, PHI2))
+    assert (ckpt / SHARDS[1]).read_bytes() == (hub.root / "phi-2" / SHARDS[1]).read_bytes()
+    assert hub.bytes_served(PHI2) == size(hub, "phi-2", SHARDS[1])  # only what the failed run lacked
+
+
+@pytest.mark.parametrize("how, needles", [
+    pytest.param("hang", ["did not answer in time", "try again later"], marks=pytest.mark.slow),
+    ("short", ["broke the connection", "try again later"])])
+def test_an_unfinished_answer_is_transient(hub, tmp_path, how, needles):
+    hub.intercept("/api/models/", 200, b'{"id": "microsoft/phi-2", "sib', content_type="application/json",
+                  how=how)
+    proc = download(hub, tmp_path, PHI2, HF_HUB_ETAG_TIMEOUT="1")
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------- malformed answers
+
+
+MALFORMED = {
+    "truncated": b'{"id": "microsoft/phi-2", "sha": "0123456789abcdef", "siblings": [{"rfilename": "conf',
+    "a web page": b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+    "a list": b'[{"rfilename": "config.json"}]',
+    "no files": b'{"id": "microsoft/phi-2", "sha": "0123456789abcdef"}',
+    "files not a list": b'{"id": "microsoft/phi-2", "siblings": "config.json"}',
+    "a file without a name": b'{"id": "microsoft/phi-2", "siblings": [{"size": 10}]}',
+    "a size that is text": b'{"id": "microsoft/phi-2", "siblings": [{"rfilename": "config.json", "size": "ten"}]}',
+    "a commit that is a number": b'{"id": "microsoft/phi-2", "sha": 7, "siblings": []}',
+}
+
+
+@pytest.mark.parametrize("case", some_fast(MALFORMED, {"truncated", "a file without a name"}))
+def test_a_malformed_repo_info_is_one_line(hub, tmp_path, case):
+    hub.intercept("/api/models/", 200, MALFORMED[case], content_type="application/json")
+    proc = download(hub, tmp_path, PHI2)
+    assert_one_line_error(proc, "the Hub's answer for microsoft/phi-2 is not valid JSON", hub.url)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------------- OS errors
+
+
+@pytest.mark.parametrize("case", some_fast(["org is a file", "repo dir is a file", "checkpoint dir is a file",
+                                            ".cache is a file", "config.json is a directory"],
+                                           {"org is a file", "config.json is a directory"}))
+def test_files_and_directories_in_the_way_are_one_line(hub, tmp_path, case):
+    checkpoints = tmp_path / "checkpoints"
+    ckpt = checkpoints / PHI2
+    in_the_way = {"org is a file": ckpt.parent, "repo dir is a file": ckpt, "checkpoint dir is a file": checkpoints,
+                  ".cache is a file": ckpt / ".cache", "config.json is a directory": ckpt / "config.json"}[case]
+    in_the_way.parent.mkdir(parents=True, exist_ok=True)
+    if case == "config.json is a directory":
+        in_the_way.mkdir()
+        needles = [f"{in_the_way} is a directory, where the download puts a file"]
+    else:
+        in_the_way.write_text("not a directory")
+        needles = [f"{in_the_way} is a file, where", "needs a directory", "choose another checkpoint directory"]
+    before = sorted(p for p in checkpoints.rglob("*"))
+    assert_one_line_error(download(hub, tmp_path, PHI2), *needles)
+    after = sorted(p for p in checkpoints.rglob("*") if ".cache" not in p.relative_to(checkpoints).parts)
+    assert after == [p for p in before if ".cache" not in p.relative_to(checkpoints).parts]  # nothing new, ...
+    if in_the_way.is_file():
+        assert in_the_way.read_text() == "not a directory"  # ... nothing changed
+
+
+# Root ignores permission bits through CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH. Dropped from the bounding set,
+# they are gone from the program exec'd next, for which the bits then hold as for any other user.
+WITHOUT_ROOT_POWERS = """\
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if any(libc.prctl(24, cap, 0, 0, 0) for cap in (1, 2)):  # PR_CAPBSET_DROP
+    sys.exit(77)
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
+
+
+def download_as_a_user(hub, tmp_path, repo_id, *args) -> subprocess.CompletedProcess:
+    """`download`, subject to permission bits even when the tests run as root (as they do in CI)."""
+    argv = [str(SCRIPT), "--repo_id", repo_id, "--checkpoint_dir", str(tmp_path / "checkpoints"), *args]
+    if os.geteuid() == 0:
+        argv = ["-c", WITHOUT_ROOT_POWERS] + argv
+    proc = subprocess.run([sys.executable, *argv], env=hub_env(hub, tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode == 77:
+        pytest.skip("running as root without CAP_SETPCAP: cannot drop the capabilities that let root ignore "
+                    "permission bits")
+    return proc
+
+
+@pytest.mark.parametrize("case", ["read-only checkpoint dir", "read-only repo dir", "unreadable org dir"])
+def test_permission_denied_is_one_line_and_writes_nothing(hub, tmp_path, case):
+    checkpoints = tmp_path / "checkpoints"
+    ckpt = checkpoints / PHI2
+    ckpt.mkdir(parents=True)
+    locked = {"read-only checkpoint dir": (checkpoints, 0o555), "read-only repo dir": (ckpt, 0o555),
+              "unreadable org dir": (ckpt.parent, 0o000)}[case]
+    if case == "read-only checkpoint dir":
+        ckpt.rmdir()
+        ckpt.parent.rmdir()
+    locked[0].chmod(locked[1])
+    try:
+        proc = download_as_a_user(hub, tmp_path, PHI2, "--tokenizer_only", "True")
+    finally:
+        locked[0].chmod(0o755)
+    assert_one_line_error(proc, "permission denied for", "fix the permissions or choose another checkpoint "
+                                                         "directory")
+    assert sorted(checkpoints.rglob("*")) == ([] if case == "read-only checkpoint dir" else [ckpt.parent, ckpt])
+
+
+def test_an_unreadable_downloaded_file_is_one_line_and_kept(hub, tmp_path):
+    ckpt = tmp_path / "checkpoints" / PHI2
+    assert_ok(download(hub, tmp_path, PHI2, "--tokenizer_only", "True"))
+    os.utime(ckpt / "tokenizer.json")  # the record no longer vouches for it: the next run reads it to hash it
+    (ckpt / "tokenizer.json").chmod(0)
+    proc = download_as_a_user(hub, tmp_path, PHI2, "--tokenizer_only", "True")
+    assert_one_line_error(proc, f"permission denied for {ckpt / 'tokenizer.json'}")
+    (ckpt / "tokenizer.json").chmod(0o644)
+    assert (ckpt / "tokenizer.json").read_bytes() == (hub.root / "phi-2" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_conversion_that_cannot_write_is_one_line_and_keeps_the_download(hub, tmp_path):
+    ckpt = tmp_path / "checkpoints" / PHI15
+    (ckpt / "lit_model.pth").mkdir(parents=True)  # where the conversion puts its file
+    proc = download(hub, tmp_path, PHI15, "--convert", "True")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # (after the download's summary and the conversion's progress)
+    assert last.startswith(f"error: cannot convert the checkpoint in {ckpt}: {ckpt / 'lit_model.pth'}: Is a "
+                           "directory; fix that and run `python scripts/convert_hf_checkpoint.py --checkpoint_dir "
+                           f"{ckpt}`"), last
+    assert files_in(ckpt) - {"lit_config.json"} == CONFIGS | TOKENIZER | {"model.safetensors"}  # the download
+    assert (ckpt / "lit_model.pth").is_dir() and not [p for p in ckpt.iterdir() if ".tmp" in p.name]
+    hub.reset_counts()
+    assert_ok(download(hub, tmp_path, PHI15))  # the download stands: nothing to fetch again
+    assert hub.bytes_served(PHI15) == 0
