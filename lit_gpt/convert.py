@@ -7,6 +7,7 @@ time) into lit_model.pth, and `save_hf_checkpoint` writes transformers' current 
 
 import json
 import pickle
+import re
 import shutil
 import sys
 import warnings
@@ -17,11 +18,11 @@ from typing import Iterator, Optional
 import torch
 
 from lit_gpt.choices import DtypeName, check_choice
-from lit_gpt.config import Config
+from lit_gpt.config import Config, configs
 from lit_gpt.files import (
     GENERATION_CONFIG, HF_CONFIG, LIT_CONFIG, LIT_MODEL, NOT_WEIGHTS, TOKENIZER_FILES, WEIGHT_KINDS,
 )
-from lit_gpt.load import expected_shapes, load_lit_state_dict
+from lit_gpt.load import expected_shapes, load_lit_state_dict, qkv_to_lit
 from lit_gpt.tensor_writer import IncrementalTensorWriter
 from lit_gpt.utils import InvalidArgument, NeedsStep, UserError, atomic_path, first_line, progress
 
@@ -55,6 +56,13 @@ WEIGHT_NAMES = [
 # buffers some old checkpoints carry that are recomputed, not loaded
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")
 
+# safetensors' dtype names (file headers) -> torch's; the weights must be in one of FLOAT_DTYPES
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
 def name_map(config: Config, scheme: str) -> dict[str, tuple[str, ...]]:
     """Every lit tensor name -> its source name(s) in `scheme` (three names for q, k, v kept apart)."""
     col = 1 + SCHEMES.index(scheme)
@@ -81,15 +89,6 @@ def detect_scheme(names: set[str]) -> str:
     raise UserError(f"the weights are not in any known Phi naming scheme (found e.g. {sample})")
 
 
-def qkv_to_lit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Config) -> torch.Tensor:
-    """Separate q, k, v (output-dim first) -> lit's fused layout, interleaved per query group."""
-    g, hs = config.n_query_groups, config.head_size
-    q = q.reshape(g, -1, hs, *q.shape[1:])
-    k = k.reshape(g, 1, hs, *k.shape[1:])
-    v = v.reshape(g, 1, hs, *v.shape[1:])
-    return torch.cat((q, k, v), dim=1).reshape(-1, *q.shape[3:])
-
-
 def lit_to_qkv(qkv: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g, hs = config.n_query_groups, config.head_size
     q_per_kv = config.n_head // g
@@ -112,11 +111,13 @@ class WeightFiles:
         self.files = find_weight_files(checkpoint_dir)
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}  # from the file headers, no data read
+        self.dtypes: dict[str, str] = {}  # "float16", "int64", ...
         for path in self.files:
             with self._open(path) as tensors:
                 for name in tensors.keys():
                     self.where[name] = path
                     self.shapes[name] = tensors.shape(name)
+                    self.dtypes[name] = tensors.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         try:
@@ -135,12 +136,15 @@ class WeightFiles:
                 from safetensors import safe_open
 
                 handle = safe_open(str(path), framework="pt")
-                yield _Tensors(handle.keys, lambda n: handle.get_slice(n).get_shape(), handle.get_tensor)
+                yield _Tensors(handle.keys, lambda n: handle.get_slice(n).get_shape(), handle.get_tensor,
+                               lambda n: SAFETENSORS_DTYPES.get(handle.get_slice(n).get_dtype(),
+                                                                handle.get_slice(n).get_dtype()))
             else:
                 with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
                     warnings.simplefilter("ignore")
                     sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                yield _Tensors(sd.keys, lambda n: sd[n].shape, sd.__getitem__)
+                yield _Tensors(sd.keys, lambda n: sd[n].shape, sd.__getitem__,
+                               lambda n: str(sd[n].dtype).removeprefix("torch."))
         except pickle.UnpicklingError as e:
             raise UserError(f"{path} holds more than tensors and was not loaded, as it could run code "
                             f"({first_line(e)}); use a safetensors checkpoint instead")
@@ -152,12 +156,13 @@ class WeightFiles:
 
 
 class _Tensors:
-    """The three things read from an open weight file, whatever its format."""
+    """The four things read from an open weight file, whatever its format."""
 
-    def __init__(self, keys, shape, get) -> None:
+    def __init__(self, keys, shape, get, dtype) -> None:
         self.keys = keys
         self.shape = lambda name: tuple(shape(name))
         self.get = get
+        self.dtype = dtype
 
 
 def find_weight_files(checkpoint_dir: Path) -> list[Path]:
@@ -203,6 +208,7 @@ def convert_hf_checkpoint(
     else:
         raise InvalidArgument("model_name", f"is needed: {checkpoint_dir} has no config.json (phi-1, phi-1_5 or phi-2)")
     scheme = detect_scheme(set(weights.where))
+    _check_sizes_in_headers(weights, config, scheme, checkpoint_dir, model_name)
     names = name_map(config, scheme)
     _check_names_and_shapes(weights, names, config, scheme, checkpoint_dir)
 
@@ -224,9 +230,48 @@ def convert_hf_checkpoint(
     return out
 
 
+def _layers_in_headers(weights: "WeightFiles", scheme: str, checkpoint_dir: Path) -> int:
+    """How many blocks the weights hold, from their names: 0, 1, ... n - 1 each with its attention projection."""
+    template = WEIGHT_NAMES[3][1 + SCHEMES.index(scheme)]  # the attention's output projection: one per block only
+    before, after = re.split(r"\{[ij]\}", template)
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after.format(wb="weight")))
+    offset = 1 if "{j}" in template else 0
+    found = sorted({int(m.group(1)) - offset for m in map(pattern.fullmatch, weights.where) if m})
+    for i, index in enumerate(found):
+        if index != i:
+            name = template.format(i=i, j=i + 1, wb="weight")
+            raise UserError(f"tensor {name} is missing from the checkpoint in {checkpoint_dir}, which holds blocks up to "
+                            f"{found[-1]}")
+    return len(found)
+
+
+def _check_sizes_in_headers(weights: "WeightFiles", config: Config, scheme: str, checkpoint_dir: Path,
+                            model_name: Optional[str]) -> None:
+    """The config's depth, width and vocabulary against the weights' headers, before anything sized by the config
+    is built: a config.json of 10**9 layers would otherwise have a name map built for all of them."""
+    found = {"n_layer": _layers_in_headers(weights, scheme, checkpoint_dir)}
+    embedding = weights.shapes.get(WEIGHT_NAMES[0][1 + SCHEMES.index(scheme)])
+    if embedding is not None and len(embedding) == 2:
+        found.update(n_embd=embedding[1], padded_vocab_size=embedding[0])
+    wrong = "; ".join(f"{key} {value}, not {getattr(config, key)}" for key, value in found.items()
+                      if getattr(config, key) != value)
+    if not wrong:
+        return
+    if model_name is None:
+        raise UserError(f"{checkpoint_dir / HF_CONFIG} does not match the weights beside it ({wrong}); fix it or "
+                        "download the checkpoint again")
+    fits = [c["name"] for c in configs if all(getattr(Config.from_name(c["name"]), k) == v for k, v in found.items())]
+    if fits:
+        raise InvalidArgument("model_name", f"{model_name} does not match the weights in {checkpoint_dir}: they are "
+                                            f"{' or '.join(fits)}-sized ({wrong}); use {{name}} {fits[-1]}")
+    raise InvalidArgument("model_name", f"{model_name} does not match the weights in {checkpoint_dir} ({wrong}); leave "
+                                        "{name} out to use the checkpoint's config.json")
+
+
 def _check_names_and_shapes(weights: "WeightFiles", names: dict, config: Config, scheme: str,
                             checkpoint_dir: Path) -> None:
-    """Every tensor the config needs is there with its shape (from the file headers), and nothing else."""
+    """Every tensor the config needs is there with its shape and a float dtype (from the file headers), and nothing
+    else."""
     shapes = expected_shapes(config)
     wanted = [n for sources in names.values() for n in sources]
     missing = [n for n in wanted if n not in weights.where]
@@ -237,6 +282,10 @@ def _check_names_and_shapes(weights: "WeightFiles", names: dict, config: Config,
     if unexpected:
         raise UserError(f"unexpected tensor {unexpected[0]} in the checkpoint in {checkpoint_dir} "
                         f"({len(unexpected)} in all); it does not match the config")
+    for name in wanted:
+        if weights.dtypes[name] not in FLOAT_DTYPES:
+            raise UserError(f"tensor {name} in {weights.where[name]} is {weights.dtypes[name]}; Phi's weights are "
+                            f"floating point ({', '.join(FLOAT_DTYPES)}): this is not a Phi checkpoint lit-phi reads")
     for lit_name, sources in names.items():
         parts = [weights.shapes[s] for s in sources]
         fused = (sum(p[0] for p in parts), *parts[0][1:])  # q, k, v stack on the output dim
@@ -265,6 +314,9 @@ def convert_if_needed(checkpoint_dir: Path) -> None:
 def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
     """Write a transformers-loadable directory (config.json, model.safetensors, tokenizer files)."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise InvalidArgument("output_dir", f"is the checkpoint directory {checkpoint_dir} itself: the export would "
+                                            "overwrite its config.json; choose another directory")
     config = Config.from_json(checkpoint_dir / LIT_CONFIG)
     state_dict = load_lit_state_dict(checkpoint_dir, config)
     bos_id = eos_id = 50256  # Phi's <|endoftext|>, unless the checkpoint's tokenizer says otherwise

@@ -2,6 +2,7 @@
 """
 
 import mmap
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -22,7 +23,8 @@ def expected_shapes(config: Config) -> dict[str, torch.Size]:
 
 def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch.Tensor]:
     """lit_model.pth, memory-mapped (no copy of the weights in RAM until they are used), checked
-    tensor by tensor against what `config` needs."""
+    tensor by tensor against what `config` needs. lit-gpt's and litgpt's checkpoints load too: a fine-tuning
+    script's {"model": state_dict}, and litgpt's attention layout (see `_from_litgpt_qkv`)."""
     path = Path(checkpoint_dir) / LIT_MODEL
     if not path.is_file():
         raise NeedsStep(f"{path} is missing; convert the checkpoint first", "convert", checkpoint_dir)
@@ -31,6 +33,13 @@ def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch
     except Exception as e:
         raise NeedsStep(f"{path} is truncated or corrupt ({first_line(e)}); convert the checkpoint again", "convert",
                         checkpoint_dir)
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("model"), dict):
+        state_dict = state_dict["model"]  # lit-gpt's fine-tuning scripts save the model beside the training state
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise NeedsStep(f"{path} holds no state dict (tensors by name); convert the checkpoint again", "convert",
+                        checkpoint_dir)
+    _check_depth_and_width(state_dict, config, path)  # before building anything sized by the config
+    _from_litgpt_qkv(state_dict, config)
     shapes = expected_shapes(config)
     for name, tensor in state_dict.items():
         if name not in shapes:
@@ -38,11 +47,50 @@ def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch
         if tensor.shape != shapes[name]:
             raise UserError(f"{name} has shape {tuple(tensor.shape)} in {path} but lit_config.json needs "
                             f"{tuple(shapes[name])}")
+        if not tensor.is_floating_point():
+            raise UserError(f"{name} is {str(tensor.dtype).removeprefix('torch.')} in {path}, not floating point; "
+                            "convert the checkpoint again")
     missing = [name for name in shapes if name not in state_dict]
     if missing:
         raise NeedsStep(f"tensor {missing[0]} is missing from {path} ({len(missing)} in all); it does not match "
                         "lit_config.json: convert the checkpoint again", "convert", checkpoint_dir)
     return state_dict
+
+
+def _check_depth_and_width(state_dict: dict[str, torch.Tensor], config: Config, path: Path) -> None:
+    """n_layer, n_embd and padded_vocab_size of lit_config.json against the state dict's names and embedding shape."""
+    held = len({m.group(1) for m in map(re.compile(r"transformer\.h\.(\d+)\.").match, state_dict) if m})
+    if held < config.n_layer:
+        raise NeedsStep(f"the tensors of transformer.h.{held} are missing from {path}: it holds {held} blocks but "
+                        f"lit_config.json says n_layer={config.n_layer}; convert the checkpoint again", "convert",
+                        path.parent)
+    if held > config.n_layer:
+        raise UserError(f"unexpected tensors of transformer.h.{config.n_layer} in {path}: it holds {held} blocks but "
+                        f"lit_config.json says n_layer={config.n_layer}")
+    embedding = state_dict.get("transformer.wte.weight")
+    if embedding is not None and tuple(embedding.shape) != (config.padded_vocab_size, config.n_embd):
+        raise UserError(f"transformer.wte.weight has shape {tuple(embedding.shape)} in {path} but lit_config.json needs "
+                        f"({config.padded_vocab_size}, {config.n_embd}) (padded_vocab_size, n_embd)")
+
+
+def _from_litgpt_qkv(state_dict: dict[str, torch.Tensor], config: Config) -> None:
+    """litgpt (0.5 on) names the fused q, k, v projection attn.qkv and stacks all queries, then all keys, then all
+    values; ours (lit-gpt's, which litgpt still loads) is attn.attn, interleaved per query group. In place."""
+    q_size, kv_size = config.n_head * config.head_size, config.n_query_groups * config.head_size
+    for name in [n for n in state_dict if ".attn.qkv." in n]:
+        tensor = state_dict.pop(name)
+        if tensor.shape[0] == q_size + 2 * kv_size:  # (a wrong shape is reported as it is, under our name)
+            tensor = qkv_to_lit(*tensor.split((q_size, kv_size, kv_size)), config)
+        state_dict[name.replace(".attn.qkv.", ".attn.attn.")] = tensor
+
+
+def qkv_to_lit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Config) -> torch.Tensor:
+    """Separate q, k, v (output-dim first) -> lit's fused layout, interleaved per query group."""
+    g, hs = config.n_query_groups, config.head_size
+    q = q.reshape(g, -1, hs, *q.shape[1:])
+    k = k.reshape(g, 1, hs, *k.shape[1:])
+    v = v.reshape(g, 1, hs, *v.shape[1:])
+    return torch.cat((q, k, v), dim=1).reshape(-1, *q.shape[3:])
 
 
 def load_model(

@@ -29,6 +29,26 @@ class GPT(nn.Module):
         self.max_seq_length = config.block_size
         self.reset_rope_cache()
 
+    @property
+    def max_seq_length(self) -> int:
+        """How many positions the KV cache holds: the whole context unless set lower. Setting it, as lit-gpt's
+        scripts do before `set_kv_cache(batch_size)`, sizes the caches that call allocates from then on (and drops
+        a cache of another length); set_kv_cache's own `max_seq_length` sizes its one cache only."""
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        self._check_length(value)
+        if value != getattr(self, "_max_seq_length", value):
+            self.clear_kv_cache()  # forward reads a cache as long as max_seq_length
+        self._max_seq_length = self._default_cache_length = value
+
+    def _check_length(self, length: int) -> None:
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"max_seq_length must be a positive integer, got {length!r}")
+        if length > self.config.block_size:
+            raise ValueError(f"max_seq_length {length} exceeds the model's context {self.config.block_size}")
+
     def reset_rope_cache(self, device: Optional[torch.device] = None) -> None:
         """(Re)compute the rotary tables; needed after building the model on the meta device."""
         device = device or self.lm_head.weight.device
@@ -43,11 +63,12 @@ class GPT(nn.Module):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
-        """Preallocate a key/value cache for `batch_size` sequences of up to `max_seq_length` tokens."""
-        max_seq_length = max_seq_length or self.config.block_size
-        if max_seq_length > self.config.block_size:
-            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's context {self.config.block_size}")
-        self.max_seq_length = max_seq_length
+        """Preallocate a key/value cache for `batch_size` sequences of up to `max_seq_length` tokens (default: what
+        `model.max_seq_length` was set to, else the whole context)."""
+        if max_seq_length is None:
+            max_seq_length = self._default_cache_length
+        self._check_length(max_seq_length)
+        self._max_seq_length = max_seq_length
         device = device or self.lm_head.weight.device
         dtype = dtype or self.transformer.wte.weight.dtype
         # a causal mask over the whole cache, for the compiled path that keeps shapes static

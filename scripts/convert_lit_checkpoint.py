@@ -17,7 +17,8 @@ def main(checkpoint_dir: Path, output_dir: Path) -> None:
 
     Args:
         checkpoint_dir: Directory holding lit_config.json and lit_model.pth.
-        output_dir: Where to write the Hugging Face files (created if needed).
+        output_dir: Where to write the Hugging Face files (created if needed; not the checkpoint directory itself,
+            whose config.json the export would overwrite).
     """
     out = convert_lit_checkpoint(checkpoint_dir, output_dir)
     print(f"wrote {out}", file=sys.stderr)

@@ -14,14 +14,24 @@ import torch
 
 
 def tiny_hf_config(n_embd: int = 64, n_head: int = 4, n_layer: int = 2, rotary: float = 0.5,
-                   vocab_size: int = 51200, block_size: int = 128, intermediate_size: Optional[int] = None):
+                   vocab_size: int = 51200, block_size: int = 128, intermediate_size: Optional[int] = None,
+                   n_kv_heads: Optional[int] = None):
     from transformers import PhiConfig
 
     return PhiConfig(
         vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=intermediate_size or 4 * n_embd,
-        num_hidden_layers=n_layer, num_attention_heads=n_head, max_position_embeddings=block_size,
-        partial_rotary_factor=rotary, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False,
+        num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_kv_heads or n_head,
+        max_position_embeddings=block_size, partial_rotary_factor=rotary, bos_token_id=50256, eos_token_id=50256,
+        tie_word_embeddings=False,
     )
+
+
+def edit_config_json(d: Path, **changes) -> None:
+    """Change keys of the config.json in `d` (a value of None removes the key)."""
+    path = Path(d) / "config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}, indent=2))
 
 
 def random_hf_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):

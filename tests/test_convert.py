@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hf_checkpoints import hf_config_json, make_hf_checkpoint, tiny_hf_config
+from hf_checkpoints import edit_config_json, hf_config_json, make_hf_checkpoint, tiny_hf_config
 from lit_gpt.convert import convert_hf_checkpoint
 from lit_gpt.load import load_model
 from lit_gpt.config import Config
-from lit_gpt.utils import UserError
+from lit_gpt.utils import InvalidArgument, NeedsStep, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -293,7 +293,8 @@ def test_lit_checkpoint_without_config(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("content", ["{not json", '{"n_embd": "wide"}', "[1, 2]"])
+@pytest.mark.parametrize("content", ["{not json", '{"n_embd": "wide"}', "[1, 2]", '{"n_layer": -2}',
+                                     '{"n_layer": true}', '{"n_head": 4.0}'])
 def test_lit_checkpoint_with_malformed_config(tmp_path, content):
     make_hf_checkpoint(tmp_path, tokenizer=False)
     convert_hf_checkpoint(tmp_path, show_progress=False)
@@ -319,6 +320,218 @@ def test_lit_checkpoint_that_does_not_match_its_config(tmp_path):
     proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir", str(out))
     assert_one_line_error(proc, "transformer.h.2", "missing")
     assert not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    (dict(num_hidden_layers="2"), 'num_hidden_layers is "2", not a positive integer'),
+    (dict(num_hidden_layers=True), "num_hidden_layers is true, not a positive integer"),
+    (dict(num_hidden_layers=2.0), "num_hidden_layers is 2.0, not a positive integer"),
+    (dict(num_hidden_layers=-2), "num_hidden_layers is -2, not a positive integer"),
+    (dict(hidden_size=0), "hidden_size is 0, not a positive integer"),
+    (dict(vocab_size=None), "lacks the key 'vocab_size'"),
+    (dict(layer_norm_eps="1e-5"), 'layer_norm_eps is "1e-5", not a positive number'),
+    (dict(max_position_embeddings=-1), "max_position_embeddings is -1"),
+    (dict(hidden_size=66), "hidden_size 66 is not divisible by num_attention_heads 4"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+    (dict(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 1.5}), "partial_rotary_factor is 1.5"),
+    (dict(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0}), "partial_rotary_factor is 0"),
+    (dict(rope_parameters={"rope_theta": "big"}), 'rope_theta is "big"'),
+    (dict(rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.2}), "makes 3 rotary dims"),
+    (dict(rope_parameters=[1]), "rope_parameters is [1], not an object"),
+])
+def test_config_json_with_wrong_values_is_one_clear_error(tmp_path, changes, needle):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_hf_config().to_dict()))
+    edit_config_json(tmp_path, **changes)
+    with pytest.raises(UserError) as info:
+        Config.from_hf_config(tmp_path / "config.json")
+    assert needle in str(info.value) and "config.json" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("scheme", ["phi-msft", "mixformer-sequential"])
+@pytest.mark.parametrize(("changes", "needle"), [
+    (dict(n_layer="24"), 'n_layer is "24", not a positive integer'),
+    (dict(n_embd=-64), "n_embd is -64"),
+    (dict(n_head_kv=3), "n_head 4 is not divisible by n_head_kv 3"),
+    (dict(rotary_dim=17), "rotary_dim is 17, more than the head size 16"),
+    (dict(layer_norm_epsilon=False), "layer_norm_epsilon is false"),
+])
+def test_old_config_json_formats_with_wrong_values(tmp_path, scheme, changes, needle):
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_json(tiny_hf_config(), scheme)))
+    edit_config_json(tmp_path, **changes)
+    with pytest.raises(UserError, match=needle.replace("(", r"\(")):
+        Config.from_hf_config(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"phi"', "3"])
+def test_config_json_that_is_not_an_object(tmp_path, content):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(UserError, match="not an object"):
+        Config.from_hf_config(tmp_path / "config.json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("changes", "needle"), [
+    (dict(num_hidden_layers="2"), "num_hidden_layers"), (dict(hidden_size=-64), "hidden_size"),
+])
+def test_config_json_with_wrong_values_in_the_script(tmp_path, changes, needle):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    edit_config_json(tmp_path, **changes)
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, needle, "config.json")
+    assert lit_outputs(tmp_path) == []
+
+
+def test_config_json_with_absurd_sizes_fails_before_building_anything(tmp_path):
+    """10**9 layers once built a name map for every one of them (a hang, with memory growing)."""
+    for changes, needle in ((dict(num_hidden_layers=10 ** 9), "n_layer 2, not 1000000000"),
+                            (dict(hidden_size=2 ** 40, num_attention_heads=2 ** 30), "n_embd 64, not 1099511627776"),
+                            (dict(vocab_size=10 ** 12), "padded_vocab_size 51200, not 1000000000000")):
+        make_hf_checkpoint(tmp_path, tokenizer=False)
+        edit_config_json(tmp_path, **changes)
+        with pytest.raises(UserError, match="does not match the weights beside it") as info:
+            convert_hf_checkpoint(tmp_path, show_progress=False)
+        assert needle in str(info.value)
+        assert lit_outputs(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_config_json_with_absurd_layer_count_in_the_script(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    edit_config_json(tmp_path, num_hidden_layers=10 ** 9)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/convert_hf_checkpoint.py"), "--checkpoint_dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert_one_line_error(proc, "config.json", "n_layer 2, not 1000000000")
+    assert lit_outputs(tmp_path) == []
+
+
+def test_weights_missing_a_middle_block_are_named(tmp_path):
+    make_hf_checkpoint(tmp_path, tiny_hf_config(n_layer=3), tokenizer=False)
+    _edit_weights(tmp_path, lambda sd: [sd.pop(n) for n in list(sd) if n.startswith("model.layers.1.")])
+    with pytest.raises(UserError, match=r"model.layers.1.self_attn.dense.weight is missing .* blocks up to 2"):
+        convert_hf_checkpoint(tmp_path, show_progress=False)
+
+
+def test_named_config_of_another_size_says_what_the_weights_are(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    with pytest.raises(InvalidArgument, match="phi-2 does not match the weights") as info:
+        convert_hf_checkpoint(tmp_path, model_name="phi-2", show_progress=False)
+    assert "n_layer 2, not 32; n_embd 64, not 2560" in str(info.value)
+    assert info.value.name == "model_name"
+    # weights the size of another named config: that one is named
+    from lit_gpt.config import configs
+
+    configs.append(dict(name="phi-tiny", n_layer=2, n_head=4, n_embd=64, padded_vocab_size=51200))
+    try:
+        with pytest.raises(InvalidArgument, match=r"they are phi-tiny-sized \(n_layer 2, not 32; n_embd 64, not 2560\); "
+                                                  r"use model_name phi-tiny"):
+            convert_hf_checkpoint(tmp_path, model_name="phi-2", show_progress=False)
+    finally:
+        configs.pop()
+    assert lit_outputs(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_named_config_of_another_size_in_the_script(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--model_name", "phi-2")
+    assert_one_line_error(proc, "--model_name phi-2 does not match the weights", "n_embd 64, not 2560",
+                          "leave --model_name out")
+    assert lit_outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_integer_weights_are_refused(tmp_path, fmt):
+    make_hf_checkpoint(tmp_path, formats=(fmt,), tokenizer=False)
+    if fmt == "safetensors":
+        _edit_weights(tmp_path, lambda sd: sd.update({"lm_head.weight": sd["lm_head.weight"].to(torch.int64)}))
+    else:
+        sd = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+        sd["lm_head.weight"] = sd["lm_head.weight"].to(torch.int32)
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"tensor lm_head.weight in .* is int(64|32); Phi's weights are floating point"):
+        convert_hf_checkpoint(tmp_path, show_progress=False)
+    assert lit_outputs(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_integer_weights_are_one_line_in_the_script(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    _edit_weights(tmp_path, lambda sd: sd.update({"model.layers.0.mlp.fc1.weight": torch.zeros(256, 64, dtype=torch.int8)}))
+    proc = run_script("scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path))
+    assert_one_line_error(proc, "model.layers.0.mlp.fc1.weight", "int8", "floating point")
+    assert lit_outputs(tmp_path) == []
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ('{"n_layer": -2}', "n_layer=-2 is not positive"), ('{"n_layer": true}', "n_layer=true is not an integer"),
+    ('{"n_embd": 2048.0}', "n_embd=2048.0 is not an integer"), ('{"bias": 1}', "bias=1 is not true or false"),
+    ('{"rotary_percentage": 0}', "rotary_percentage=0 is not in (0, 1]"),
+    ('{"norm_eps": "1e-5"}', 'norm_eps="1e-5" is not a number'), ('{"n_head": 3}', "n_embd=2048 is not divisible"),
+    ('{"n_query_groups": 5}', "n_head=32 is not divisible by n_query_groups=5"),
+    ('{"vocab_size": 60000}', "vocab_size=60000 is more than padded_vocab_size=51200"),
+    ('{"hf_config": []}', "hf_config=[] is not an object"), ("[]", "not a JSON object"),
+])
+def test_lit_config_json_with_wrong_values(tmp_path, content, needle):
+    (tmp_path / "lit_config.json").write_text(content)
+    with pytest.raises(NeedsStep, match="malformed") as info:
+        Config.from_json(tmp_path / "lit_config.json")
+    assert needle in str(info.value) and info.value.step == "convert"
+
+
+def test_lit_config_json_with_absurd_layer_count_fails_before_building_anything(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
+    config = json.loads((tmp_path / "lit_config.json").read_text())
+    (tmp_path / "lit_config.json").write_text(json.dumps({**config, "n_layer": 10 ** 9}))
+    with pytest.raises(NeedsStep, match="it holds 2 blocks but lit_config.json says n_layer=1000000000"):
+        load_model(tmp_path)
+    (tmp_path / "lit_config.json").write_text(json.dumps({**config, "n_embd": 2 ** 20, "n_head": 2 ** 16}))
+    with pytest.raises(UserError, match=r"transformer.wte.weight has shape \(51200, 64\)"):
+        load_model(tmp_path)
+
+
+def test_lit_checkpoint_with_integer_weights(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
+    sd = torch.load(tmp_path / "lit_model.pth", weights_only=True)
+    sd["lm_head.bias"] = sd["lm_head.bias"].to(torch.int64)
+    torch.save(sd, tmp_path / "lit_model.pth")
+    with pytest.raises(UserError, match="lm_head.bias is int64 .*, not floating point"):
+        load_model(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- export over itself
+
+
+def test_export_into_its_own_directory_is_refused(tmp_path):
+    from lit_gpt.convert import convert_lit_checkpoint
+
+    make_hf_checkpoint(tmp_path / "ckpt", tokenizer=False)
+    convert_hf_checkpoint(tmp_path / "ckpt", show_progress=False)
+    original = (tmp_path / "ckpt" / "config.json").read_bytes()
+    for same in (tmp_path / "ckpt", tmp_path / "ckpt" / ".." / "ckpt" / "."):
+        with pytest.raises(InvalidArgument, match="is the checkpoint directory .* itself") as info:
+            convert_lit_checkpoint(tmp_path / "ckpt", same)
+        assert info.value.name == "output_dir"
+    (tmp_path / "link").symlink_to(tmp_path / "ckpt")
+    with pytest.raises(InvalidArgument):
+        convert_lit_checkpoint(tmp_path / "link", tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "config.json").read_bytes() == original
+
+
+@pytest.mark.slow
+def test_export_into_its_own_directory_in_the_script(tmp_path):
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, show_progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    proc = run_script("scripts/convert_lit_checkpoint.py", "--checkpoint_dir", str(tmp_path), "--output_dir",
+                      str(tmp_path / "."))
+    assert_one_line_error(proc, "--output_dir is the checkpoint directory", "config.json")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 MEASURE_PEAK = """
