@@ -125,7 +125,9 @@ def parse(fn: Callable, args: list[str]) -> dict:
     signature = inspect.signature(fn)
     grouped = {name: p.annotation for name, p in signature.parameters.items()
                if dataclasses.is_dataclass(p.annotation)}
-    parser = ArgumentParser(prog=Path(sys.argv[0]).name, description=_description(fn), exit_on_error=False)
+    # no abbreviations: a misspelt flag (--temperatur) must be an error, not silently another flag
+    parser = ArgumentParser(prog=Path(sys.argv[0]).name, description=_description(fn), exit_on_error=False,
+                            allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML or JSON file of options (flags after it win).")
     parser.add_function_arguments(fn, skip=set(grouped), as_group=False)
     for cls in grouped.values():

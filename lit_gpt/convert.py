@@ -6,6 +6,7 @@ time) into lit_model.pth, and `save_hf_checkpoint` writes transformers' current 
 """
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -196,6 +197,8 @@ def convert_hf_checkpoint(
     near one tensor. `dtype` casts the weights (default: keep the checkpoint's).
     """
     checkpoint_dir = Path(checkpoint_dir)
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise UserError(f"{checkpoint_dir} is a file, not a checkpoint directory")
     if not checkpoint_dir.is_dir():
         raise NeedsStep(f"{checkpoint_dir} does not exist; download a checkpoint first", "download", checkpoint_dir)
     if dtype is not None:
@@ -225,8 +228,8 @@ def convert_hf_checkpoint(
         with IncrementalTensorWriter(tmp) as writer:
             for lit_name, tensor in progress(converted(), len(names), "converting", show_progress):
                 writer.add(lit_name, tensor)
-        with atomic_path(checkpoint_dir / LIT_CONFIG) as tmp_config:
-            config.to_json(tmp_config)
+    with atomic_path(checkpoint_dir / LIT_CONFIG) as tmp_config:  # only beside a complete lit_model.pth
+        config.to_json(tmp_config)
     return out
 
 
@@ -337,8 +340,6 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
 def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, output_dir: Path,
                        bos_id: Optional[int] = 50256, eos_id: Optional[int] = 50256) -> None:
     """model.safetensors and config.json of a lit state dict, in transformers' current Phi format."""
-    from safetensors.torch import save_file
-
     hf_state_dict = {}
     for lit_name, targets in name_map(config, "phi").items():
         tensor = state_dict[lit_name]
@@ -346,10 +347,27 @@ def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, outp
         for target, part in zip(targets, parts):
             hf_state_dict[target] = part.contiguous()
     with atomic_path(Path(output_dir) / "model.safetensors") as tmp:
-        save_file(hf_state_dict, str(tmp), metadata={"format": "pt"})
+        save_safetensors(hf_state_dict, tmp)
     dtype = next(iter(state_dict.values())).dtype
     with atomic_path(Path(output_dir) / HF_CONFIG) as tmp:
         tmp.write_text(json.dumps(hf_config_dict(config, dtype, bos_id, eos_id), indent=2))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with its I/O errors (a full disk...) raised as the OSError they are: the library
+    reports them as a SafetensorError that carries the errno only in its text."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 50256,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from lit_gpt.convert import hf_config_dict, lit_to_qkv, name_map
+from lit_gpt.convert import hf_config_dict, lit_to_qkv, name_map, save_safetensors
 from lit_gpt.load import expected_shapes
 from lit_gpt.config import Config
 from lit_gpt.tokenizer import GPT2_BPE_DIR, write_phi_tokenizer
@@ -28,8 +28,6 @@ def write_random_hf_checkpoint(
     kernels do the same work as on the real weights. Shards are written one at a time.
     `config` replaces the named config (for tests).
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = config or Config.from_name(model_name)
@@ -53,7 +51,7 @@ def write_random_hf_checkpoint(
             parts = lit_to_qkv(tensor, config) if len(hf_names) == 3 else (tensor,)
             part.update({n: t.contiguous() for n, t in zip(hf_names, parts)})
         with atomic_path(out_dir / fname) as tmp:
-            save_file(part, str(tmp), metadata={"format": "pt"})
+            save_safetensors(part, tmp)
         weight_map.update({n: fname for n in part})
         total += sum(t.nbytes for t in part.values())
         del part

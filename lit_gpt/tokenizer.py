@@ -94,6 +94,8 @@ class Tokenizer:
 
     def __init__(self, checkpoint_dir: Path) -> None:
         checkpoint_dir = Path(checkpoint_dir)
+        if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+            raise UserError(f"{checkpoint_dir} is a file, not a checkpoint directory")
         if not checkpoint_dir.is_dir():
             raise NeedsStep(f"checkpoint directory {checkpoint_dir} does not exist; get the tokenizer",
                             "download_tokenizer", checkpoint_dir)
