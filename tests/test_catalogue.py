@@ -60,20 +60,20 @@ def write_json(name: str, value) -> Callable:
     return setup
 
 
-def edit_config(**changes) -> Callable:
+def edit_json(name: str, **changes) -> Callable:
     def setup(ckpt: Path, tmp: Path) -> None:
-        config = json.loads((ckpt / "config.json").read_text())
+        config = json.loads((ckpt / name).read_text())
         config.update(changes)
-        (ckpt / "config.json").write_text(json.dumps(config))
+        (ckpt / name).write_text(json.dumps(config))
     return setup
+
+
+def edit_config(**changes) -> Callable:
+    return edit_json("config.json", **changes)
 
 
 def edit_lit_config(**changes) -> Callable:
-    def setup(ckpt: Path, tmp: Path) -> None:
-        config = json.loads((ckpt / "lit_config.json").read_text())
-        config.update(changes)
-        (ckpt / "lit_config.json").write_text(json.dumps(config))
-    return setup
+    return edit_json("lit_config.json", **changes)
 
 
 def remove(*names: str) -> Callable:
