@@ -7,11 +7,9 @@ at batch 1 a decode step reads every weight once, so tokens/s x bytes per step i
 
 import json
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -71,24 +69,9 @@ def _summary(t0: float, stamps: list[float], prompt_len: int, step_bytes: int) -
                 gbps=decode * step_bytes / 1e9, new_tokens=len(stamps))
 
 
-def quality_text() -> str:
-    """A few hundred tokens of real English text that ships with Python and with this repo."""
-    import codecs
-    import this  # noqa: F401 (prints the Zen of Python once, to stdout; the parent reads only the last line)
-
-    from lit_gpt.tokenizer import GPT2_BPE_DIR
-
-    license = (GPT2_BPE_DIR / "LICENSE").read_text()
-    return codecs.decode(this.s, "rot13") + "\n\n" + license
-
-
-def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compile: bool, group_size: int,
-               reference: str) -> dict:
+def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compile: bool, group_size: int) -> dict:
     """Greedy generation with our model: `mode` is bf16, fp32, int8 or int4 (int ones on bf16 activations).
-
-    Also scores the logits over `quality_text`: bf16 stores them in `reference`, the quantized modes
-    report their relative error and top-1 agreement against it.
-    """
+    (Quality is scripts/evaluate.py's: these weights are random.)"""
     from lit_gpt.load import load_model
     from lit_gpt.device import decode_step_bytes
     from lit_gpt.generate import compile_decode, generate_tokens
@@ -118,17 +101,6 @@ def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compi
     result = dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), start_rss=start_rss,
                   model_bytes=_model_bytes(model), device=device.type,
                   peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
-
-    text = Tokenizer(checkpoint_dir).encode(quality_text(), device=device)[None, :model.config.block_size]
-    with torch.inference_mode():
-        logits = model(text).float().cpu()[0]
-    if mode == "bf16":
-        torch.save(logits, reference)
-    elif mode in ("int8", "int4") and Path(reference).is_file():
-        ref = torch.load(reference)
-        result["rel_error"] = float((logits - ref).norm() / ref.norm())
-        result["top1"] = float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
-        result["positions"] = ref.size(0)
     return result
 
 
@@ -190,25 +162,20 @@ def benchmark(checkpoint_dir: Path, modes: Sequence[WeightMode] = ("bf16", "int8
         check_choice("modes", mode, WeightMode)
     if rounds < 1:
         raise InvalidArgument("rounds", f"must be at least 1, got {rounds}")
-    reference = Path(tempfile.mkdtemp()) / "bf16_logits.pt"  # the bf16 run's logits, to score the others
     runs = [(f"ours {mode}{' +compile' if compile else ''}",
              dict(kind="ours", checkpoint_dir=str(checkpoint_dir), mode=mode, max_new_tokens=max_new_tokens,
-                  compile=compile, group_size=group_size, reference=str(reference)))
+                  compile=compile, group_size=group_size))
             for mode in modes]
     if transformers and (checkpoint_dir / HF_CONFIG).is_file():
         runs.append(("transformers bf16", dict(kind="transformers", hf_dir=str(checkpoint_dir),
                                                max_new_tokens=max_new_tokens)))
-    try:
-        results = _rounds(runs, rounds)
-    finally:
-        shutil.rmtree(reference.parent, ignore_errors=True)
+    results = _rounds(runs, rounds)
     return [dict(name=name, **_median(runs_of_one)) for name, runs_of_one in results.items()]
 
 
 def _rounds(runs: list[tuple[str, dict]], rounds: int) -> dict[str, list[dict]]:
     """Every run `rounds` times, rotated. The bandwidth is measured around every run, and each run is set
-    against the mean of the figures before and after it. The first round keeps the given order, so bf16
-    writes the quality reference first."""
+    against the mean of the figures before and after it."""
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}
     bandwidths = [read_bandwidth()]
     for r in range(rounds):
@@ -258,13 +225,6 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
         print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
               f"| {vs_bf16} | {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
               f"| {r['peak_rss'] / 1e9:.2f} | {r['model_bytes'] / 1e9:.3g} | {100 * rise:+.1f}% | {ratio} |")
-    scored = [r for r in rows if "rel_error" in r]
-    if scored:
-        print(f"\nQuantized logits against bf16 over {scored[0]['positions']} positions of real text "
-              "(the Zen of Python and the MIT license):\n")
-        print("| run | relative error of logits | top-1 agreement |\n|---|---|---|")
-        for r in scored:
-            print(f"| {r['name']} | {100 * r['rel_error']:.2f}% | {100 * r['top1']:.1f}% |")
 
 
 if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark '{"kind": "ours", ...}'

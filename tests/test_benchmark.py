@@ -28,7 +28,7 @@ def test_benchmark_prints_every_row(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(re.findall(r"read bandwidth [\d.]+ GB/s; running", proc.stderr)) == 4
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.count("|") == 15]
-    head = [c.strip() for c in lines[0].split("|")[1:-1]]  # the speed table, not the quality one
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
     rows = {line.split("|")[1].strip(): dict(zip(head, (c.strip() for c in line.split("|")[1:-1])))
             for line in lines[1:]}
     assert set(rows) >= {"ours bf16", "ours int8", "ours int4", "transformers bf16"}, proc.stdout
@@ -43,11 +43,6 @@ def test_benchmark_prints_every_row(tmp_path):
     for column in ("GB/step", "model GB"):
         gb = {name: float(rows[name][column]) for name in ("ours bf16", "ours int8", "ours int4")}
         assert gb["ours int4"] < gb["ours int8"] < gb["ours bf16"], column
-    # quantized logits scored against bf16 on real text: small error, mostly the same top-1 token
-    quality = re.findall(r"^\| ours (int8|int4) \| ([\d.]+)% \| ([\d.]+)% \|$", proc.stdout, re.M)
-    assert [q[0] for q in quality] == ["int8", "int4"], proc.stdout
-    (_, err8, top8), (_, err4, top4) = quality
-    assert 0 < float(err8) < float(err4) < 50 and float(top8) >= 90 and float(top4) >= 50
 
 
 @pytest.mark.slow
