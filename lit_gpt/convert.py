@@ -368,6 +368,9 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         if code is None:
             raise
         raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # safetensors creates its files readable by their owner only
 
 
 def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 50256,
