@@ -318,3 +318,17 @@ def _file_size_limit(limit_bytes: int):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
     return preexec
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hf", "lit"])
+def test_the_model_comes_from_a_json_config_and_flags_override_it(corpus, micro_run, tmp_path, kind):
+    """A Hugging Face config.json or our lit_config.json gives the model; --n_layer overrides it."""
+    source = micro_run / "final" / ("config.json" if kind == "hf" else "lit_config.json")
+    out = tmp_path / "out"
+    proc = pretrain("--data_dir", corpus, "--out_dir", out, "--vocab_size", 384, "--val_fraction", 0.2,
+                    "--global_batch_size", 8, "--micro_batch_size", 4, "--precision", "32-true",
+                    "--model_config", source, "--n_layer", 1, "--max_steps", 2, "--eval_interval", 0)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["hidden_size"], config["max_position_embeddings"]) == (1, 64, 64)
