@@ -1,0 +1,183 @@
+"""GGUF export: the file holds llama.cpp's phi2 layout and our tokenizer, and llama.cpp (llama-cpp-python) computes on
+it what we compute, on the demo model and real held-out text.
+
+The llama.cpp tests need llama-cpp-python (`pip install 'lit-phi[bench]'`, which compiles llama.cpp) and skip
+without it; the layout tests read the files with the gguf package alone.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+from safetensors import safe_open
+
+from lit_gpt.gguf_export import cached_gguf, default_gguf_path, export_gguf, gguf_tensor_bytes
+from lit_gpt.config import Config
+from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.utils import InvalidArgument, NeedsStep, UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "demo" / "phi-stdlib"
+TYPES = ("bf16", "q8_0", "q4_0")
+# held-out files of the demo model (its training.json's data.val_files), ~14k tokens, read from this interpreter's
+# standard library (the demo was trained on Python 3.11's)
+HELD_OUT = ("chunk.py", "sched.py", "copyreg.py", "lib2to3/fixer_base.py", "lib2to3/pgen2/parse.py",
+            "test/test_email/test_parser.py", "concurrent/futures/process.py")
+LLAMA_CPP_REASON = "llama-cpp-python is not installed (pip install 'lit-phi[bench]', which compiles llama.cpp)"
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gguf")
+    return {t: export_gguf(DEMO, t, out / f"demo-{t}.gguf", show_progress=False) for t in TYPES}
+
+
+def _fields(reader: GGUFReader) -> dict:
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def test_export_has_llama_cpps_phi2_layout_and_our_tokenizer(exports):
+    reader = GGUFReader(exports["bf16"])
+    meta = _fields(reader)
+    assert meta["general.architecture"] == "phi2" and meta["general.file_type"] == 32  # MOSTLY_BF16
+    assert {k: meta[f"phi2.{k}"] for k in ("context_length", "embedding_length", "feed_forward_length", "block_count",
+                                           "attention.head_count", "attention.head_count_kv", "rope.dimension_count")} \
+        == {"context_length": 512, "embedding_length": 256, "feed_forward_length": 1024, "block_count": 6,
+            "attention.head_count": 8, "attention.head_count_kv": 8, "rope.dimension_count": 16}
+    assert meta["phi2.rope.freq_base"] == 10000.0 and meta["phi2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    spec = json.loads((DEMO / "tokenizer.json").read_text())
+    vocab = {i: token for token, i in spec["model"]["vocab"].items()}
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    assert meta["tokenizer.ggml.tokens"] == [vocab[i] for i in range(8192)]
+    assert meta["tokenizer.ggml.merges"] == [" ".join(m) for m in spec["model"]["merges"]]
+    assert meta["tokenizer.ggml.token_type"] == [3] + [1] * 8191  # <|endoftext|> is a control token
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"]) == (0, 0)
+    assert meta["tokenizer.ggml.add_bos_token"] is False
+
+    # the weights are the Hub-format file's, bit for bit: q, k, v as llama.cpp splits attn_qkv ([q; k; v])
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 1 + 2 + 2 + 6 * 10  # embedding, head, final norm; 10 per block
+    with safe_open(DEMO / "model.safetensors", "pt") as hf:
+        def bf16(name):
+            t = tensors[name]
+            assert t.tensor_type == GGMLQuantizationType.BF16
+            return torch.from_numpy(np.array(t.data)).view(torch.bfloat16).reshape(*reversed(t.shape.tolist()))
+
+        attn = "model.layers.3.self_attn."
+        qkv = torch.cat([hf.get_tensor(f"{attn}{p}_proj.weight") for p in "qkv"])
+        assert torch.equal(bf16("blk.3.attn_qkv.weight"), qkv)
+        assert torch.equal(bf16("token_embd.weight"), hf.get_tensor("model.embed_tokens.weight"))
+        assert torch.equal(bf16("blk.5.ffn_down.weight"), hf.get_tensor("model.layers.5.mlp.fc2.weight"))
+        bias = torch.cat([hf.get_tensor(f"{attn}{p}_proj.bias") for p in "qkv"])
+        assert tensors["blk.3.attn_qkv.bias"].tensor_type == GGMLQuantizationType.F32
+        assert torch.equal(torch.from_numpy(np.array(tensors["blk.3.attn_qkv.bias"].data)), bias.float())
+
+
+@pytest.mark.parametrize("gguf_type, qtype, bound", [("q8_0", GGMLQuantizationType.Q8_0, 0.01),
+                                                    ("q4_0", GGMLQuantizationType.Q4_0, 0.15)])
+def test_quantized_exports_hold_every_matrix_in_blocks_of_32(exports, gguf_type, qtype, bound):
+    reader = GGUFReader(exports[gguf_type])
+    tensors = {t.name: t for t in reader.tensors}
+    matrices = [t for t in tensors.values() if len(t.shape) == 2]
+    assert len(matrices) == 2 + 6 * 4 and all(t.tensor_type == qtype for t in matrices)
+    assert all(t.tensor_type == GGMLQuantizationType.F32 for t in tensors.values() if len(t.shape) == 1)
+    assert sum(int(t.n_bytes) for t in tensors.values()) == sum(gguf_tensor_bytes(Config.from_json(
+        DEMO / "lit_config.json"), gguf_type).values())
+    with safe_open(DEMO / "model.safetensors", "pt") as hf:
+        weight = hf.get_tensor("model.layers.2.mlp.fc1.weight").float().numpy()
+    t = tensors["blk.2.ffn_up.weight"]
+    restored = dequantize(np.array(t.data), qtype).reshape(weight.shape)
+    # 8 bits: within half a step of 1/127 of each block's largest weight; 4 bits: 1/8 of it
+    assert np.abs(restored - weight).max() / np.abs(weight).max() < bound
+
+
+def _copy_demo(tmp_path: Path) -> Path:
+    out = tmp_path / "phi-stdlib"
+    out.mkdir()
+    for name in ("lit_config.json", "lit_model.pth", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json"):
+        shutil.copyfile(DEMO / name, out / name)
+    return out
+
+
+def _leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.rglob("*") if p.suffix == ".gguf" or ".tmp" in p.name)
+
+
+def test_bad_inputs_are_one_line_and_leave_no_file(tmp_path):
+    ckpt = _copy_demo(tmp_path)
+    spec = json.loads((ckpt / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    (ckpt / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match=r"tokenizer.json is not a byte-level BPE tokenizer with GPT-2's pre-tokenizer"):
+        export_gguf(ckpt, "q4_0", show_progress=False)
+    spec["pre_tokenizer"] = json.loads((DEMO / "tokenizer.json").read_text())["pre_tokenizer"]
+    spec["added_tokens"].append({"id": 8192, "content": "<|extra|>", "single_word": False, "lstrip": False,
+                                 "rstrip": False, "normalized": False, "special": True})
+    (ckpt / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="has token id 8192, beyond the model's 8192 embedding rows"):
+        export_gguf(ckpt, "bf16", show_progress=False)
+    with pytest.raises(InvalidArgument, match=r"output .* is a directory; name the file to write"):
+        export_gguf(DEMO, "bf16", tmp_path, show_progress=False)
+    with pytest.raises(InvalidArgument, match="gguf_type must be one of bf16, q8_0, q4_0, got 'q5_k'"):
+        export_gguf(DEMO, "q5_k", tmp_path / "x.gguf", show_progress=False)
+    (ckpt / "lit_model.pth").unlink()
+    with pytest.raises(NeedsStep, match="lit_model.pth is missing; convert the checkpoint first"):
+        export_gguf(ckpt, "bf16", show_progress=False)
+    with pytest.raises(UserError, match="checkpoint directory .*nowhere does not exist"):
+        export_gguf(tmp_path / "nowhere", "bf16", show_progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_export_leaves_nothing_and_the_cache_follows_lit_model(tmp_path, monkeypatch):
+    import lit_gpt.gguf_export as gguf_export
+
+    ckpt = _copy_demo(tmp_path)
+    real, written = gguf_export._gguf_tensor, []
+
+    def failing(tensor, planned, config):
+        if len(written) == 5:
+            raise OSError(28, "No space left on device")
+        written.append(planned.name)
+        return real(tensor, planned, config)
+
+    monkeypatch.setattr(gguf_export, "_gguf_tensor", failing)
+    with pytest.raises(OSError, match="No space left"):
+        cached_gguf(ckpt, "q8_0", show_progress=False)
+    assert _leftovers(tmp_path) == []
+    monkeypatch.setattr(gguf_export, "_gguf_tensor", real)
+
+    path = cached_gguf(ckpt, "q8_0", show_progress=False)
+    assert path == default_gguf_path(ckpt, "q8_0") == ckpt / "gguf" / "phi-stdlib-q8_0.gguf"
+    stamp = path.stat().st_mtime_ns
+    assert cached_gguf(ckpt, "q8_0", show_progress=False).stat().st_mtime_ns == stamp  # fresh: kept
+    os.utime(ckpt / "lit_model.pth", ns=(stamp + 10**9, stamp + 10**9))  # the checkpoint changed: exported again
+    assert cached_gguf(ckpt, "q8_0", show_progress=False).stat().st_mtime_ns > stamp
+
+
+@pytest.mark.slow
+def test_export_script(tmp_path):
+    script = [sys.executable, str(ROOT / "scripts" / "export_gguf.py")]
+    ok = subprocess.run([*script, "--checkpoint_dir", str(DEMO), "--gguf_type", "q4_0", "--output",
+                         str(tmp_path / "demo.gguf")], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and ok.stderr.splitlines()[-1] == f"wrote {tmp_path / 'demo.gguf'} (0.01 GB)", ok.stderr
+    assert GGUFReader(tmp_path / "demo.gguf").fields["general.file_type"].contents() == 2  # MOSTLY_Q4_0
+    for args, line in [
+        (["--checkpoint_dir", str(DEMO), "--gguf_type", "q5_k"],
+         "error: --gguf_type: unknown value 'q5_k'; choose one of bf16, q8_0, q4_0"),
+        (["--checkpoint_dir", str(DEMO), "--output", str(tmp_path)],
+         f"error: --output {tmp_path} is a directory; name the file to write, e.g. {tmp_path}/phi-stdlib-bf16.gguf"),
+        (["--checkpoint_dir", str(tmp_path / "nowhere")],
+         f"error: checkpoint directory {tmp_path / 'nowhere'} does not exist"),
+    ]:
+        bad = subprocess.run([*script, *args], capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and bad.stderr.splitlines() == [line], bad.stderr
