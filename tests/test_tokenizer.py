@@ -153,7 +153,7 @@ def test_bos_eos_from_generation_config(phi_dir: Path, tmp_path: Path) -> None:
     ckpt = tokenizer_copy(phi_dir, tmp_path / "ckpt")
     (ckpt / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 3]}))
     tok = Tokenizer(ckpt)
-    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert (tok.bos_id, tok.eos_id, tok.eos_ids) == (1, 2, (2, 3))  # every listed id ends generation
     # generation_config.json wins over tokenizer_config.json
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"bos_token": "Hello", "eos_token": "Hello"}))
     tok = Tokenizer(ckpt)
@@ -180,3 +180,21 @@ def test_missing_tokenizer_is_user_error(phi_dir: Path, tmp_path: Path) -> None:
     (ckpt / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
     with pytest.raises(UserError, match="lacks"):
         Tokenizer(ckpt)
+
+
+def test_chat_template_and_special_tokens(phi_dir: Path, tmp_path: Path) -> None:
+    """What a chat template needs from the checkpoint, found where transformers finds it."""
+    ckpt = tokenizer_copy(phi_dir, tmp_path / "ckpt")
+    assert Tokenizer(ckpt).chat_template is None and Tokenizer(ckpt).special_tokens == {}
+    (ckpt / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|endoftext|>", "pad_token": "x"}))
+    config = {"chat_template": "{{ messages }}", "eos_token": {"content": "<|endoftext|>", "special": True},
+              "pad_token": None}
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = Tokenizer(ckpt)
+    assert tok.chat_template == "{{ messages }}"
+    assert tok.special_tokens == {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    named = [{"name": "tool_use", "template": "A"}, {"name": "default", "template": "B"}]
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    assert Tokenizer(ckpt).chat_template == "B"
+    (ckpt / "chat_template.jinja").write_text("C", encoding="utf-8")  # where transformers 4.43+ saves it
+    assert Tokenizer(ckpt).chat_template == "C"
