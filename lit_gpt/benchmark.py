@@ -1,4 +1,5 @@
-"""Speed and memory of generation, ours in several precisions/quantizations against transformers, in one run.
+"""Speed and memory of generation, ours in several precisions/quantizations against transformers and llama.cpp, in
+one run.
 
 Each configuration runs in its own child process, so load time and peak resident memory are its own.
 The machine's memory read bandwidth is measured in the same run, as the yardstick for decode speed:
@@ -12,15 +13,31 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from lit_gpt.choices import WeightMode, check_choice
-from lit_gpt.files import HF_CONFIG, LIT_MODEL
+from lit_gpt.files import HF_CONFIG, LIT_CONFIG, LIT_MODEL
 from lit_gpt.utils import InvalidArgument, NeedsStep
 
 PROMPT = "def print_prime(n):\n    \"\"\"\n    Print all primes between 1 and n\n    \"\"\"\n"
+# a long prompt (prompt_tokens) is PROMPT, then this body as often as it takes, cut to the number of tokens
+PROMPT_BODY = ("    primes = []\n    for num in range(2, n + 1):\n        for p in primes:\n"
+               "            if num % p == 0:\n                break\n        else:\n            primes.append(num)\n"
+               "    for p in primes:\n        print(p)\n    return primes\n\n\ndef print_prime_again(n):\n")
+LLAMA_CPP_TYPES = ("bf16", "q8_0", "q4_0")  # llama.cpp's rows, on our GGUF exports of the same weights
+
+
+def prompt_ids(encode: Callable[[str], list[int]], prompt_tokens: Optional[int] = None) -> list[int]:
+    """The benchmark's prompt as token ids: PROMPT (27 tokens with Phi's tokenizer), or `prompt_tokens` ids of
+    PROMPT and PROMPT_BODY repeated (for prefill speed on a long prompt)."""
+    if prompt_tokens is None:
+        return encode(PROMPT)
+    repeats = 1
+    while len(ids := encode(PROMPT + PROMPT_BODY * repeats)) < prompt_tokens:
+        repeats *= 2
+    return ids[:prompt_tokens]
 
 
 def read_bandwidth(gigabytes: float = 2.0, repeats: int = 7) -> float:
@@ -66,10 +83,11 @@ def _summary(t0: float, stamps: list[float], prompt_len: int, step_bytes: int) -
     ttft = stamps[0] - t0
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     return dict(ttft=ttft, prefill_tps=prompt_len / ttft, decode_tps=decode, step_gb=step_bytes / 1e9,
-                gbps=decode * step_bytes / 1e9, new_tokens=len(stamps))
+                gbps=decode * step_bytes / 1e9, new_tokens=len(stamps), prompt_tokens=prompt_len)
 
 
-def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compile: bool, group_size: int) -> dict:
+def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compile: bool, group_size: int,
+               prompt_tokens: Optional[int] = None) -> dict:
     """Greedy generation with our model: `mode` is bf16, fp32, int8 or int4 (int ones on bf16 activations).
     (Quality is scripts/evaluate.py's: these weights are random.)"""
     from lit_gpt.load import load_model
@@ -86,7 +104,8 @@ def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compi
     model = load_model(checkpoint_dir, device=device, dtype=dtype, quantize=None if mode in ("bf16", "fp32") else mode,
                        group_size=group_size, use_saved=False)
     load_s = time.perf_counter() - t0
-    ids = Tokenizer(checkpoint_dir).encode(PROMPT, device=device)
+    tokenizer = Tokenizer(checkpoint_dir)
+    ids = torch.tensor(prompt_ids(lambda text: tokenizer.encode(text).tolist(), prompt_tokens), device=device)
     total = len(ids) + max_new_tokens
     model.set_kv_cache(1, max_seq_length=total)
     forward = compile_decode(model) if compile else None
@@ -104,7 +123,7 @@ def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compi
     return result
 
 
-def bench_transformers(hf_dir: str, max_new_tokens: int) -> dict:
+def bench_transformers(hf_dir: str, max_new_tokens: int, prompt_tokens: Optional[int] = None) -> dict:
     """transformers' PhiForCausalLM.generate on the same weights, bf16, greedy, with a token-timing streamer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
@@ -114,7 +133,8 @@ def bench_transformers(hf_dir: str, max_new_tokens: int) -> dict:
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
     load_s = time.perf_counter() - t0
-    ids = AutoTokenizer.from_pretrained(hf_dir)(PROMPT, return_tensors="pt")["input_ids"].to(device)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor([prompt_ids(lambda text: tokenizer(text)["input_ids"], prompt_tokens)], device=device)
 
     class Stamps(BaseStreamer):
         def __init__(self, on_token) -> None:
@@ -140,9 +160,44 @@ def bench_transformers(hf_dir: str, max_new_tokens: int) -> dict:
                 peak_cuda=torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
 
 
+def bench_llama_cpp(gguf_path: str, checkpoint_dir: str, max_new_tokens: int, weight_bytes: int, step_bytes: int,
+                    prompt_tokens: Optional[int] = None) -> dict:
+    """llama.cpp (through llama-cpp-python) on our GGUF export of the same weights: greedy, the prompt's ids from our
+    tokenizer (llama.cpp's give the same, tests/test_gguf.py), on as many threads as torch uses here.
+    `weight_bytes`/`step_bytes`: the file's tensors, and those a decode step reads (the embedding by one row)."""
+    from llama_cpp import Llama
+
+    from lit_gpt.config import Config
+    from lit_gpt.device import kv_cache_bytes
+    from lit_gpt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(checkpoint_dir)
+    ids = prompt_ids(lambda text: tokenizer.encode(text).tolist(), prompt_tokens)
+    threads = torch.get_num_threads()  # llama-cpp-python's default would be half the CPUs
+    start_rss = rss()
+    t0 = time.perf_counter()
+    llm = Llama(gguf_path, n_ctx=len(ids) + max_new_tokens, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def run(on_token) -> None:
+        llm.reset()  # else generate() would reuse the prompt cached by the previous run and skip the prefill
+        for n, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), start=1):
+            on_token()
+            if n == max_new_tokens:
+                break
+
+    first = _summary(*_timed_tokens(run), len(ids), step_bytes)
+    steady = _summary(*_timed_tokens(run), len(ids), step_bytes)
+    config = Config.from_json(Path(checkpoint_dir) / LIT_CONFIG)
+    kv_bytes = kv_cache_bytes(config, 1, llm.n_ctx(), torch.float16)  # llama.cpp's default cache: f16, n_ctx rounded up
+    return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), start_rss=start_rss,
+                model_bytes=weight_bytes + kv_bytes, device="cpu", peak_cuda=None)
+
+
 def run_child(job: dict) -> dict:
-    """Run one configuration (`job`: the keyword arguments of bench_ours or bench_transformers, with "kind")
-    in a fresh process; its last stdout line is the JSON result."""
+    """Run one configuration (`job`: the keyword arguments of bench_ours, bench_transformers or bench_llama_cpp,
+    with "kind") in a fresh process; its last stdout line is the JSON result."""
     proc = subprocess.run([sys.executable, "-m", "lit_gpt.benchmark", json.dumps(job)], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parent.parent)
     if proc.returncode != 0:
@@ -151,10 +206,12 @@ def run_child(job: dict) -> dict:
 
 
 def benchmark(checkpoint_dir: Path, modes: Sequence[WeightMode] = ("bf16", "int8", "int4"), max_new_tokens: int = 64,
-              compile: bool = False, group_size: int = 32, transformers: bool = True, rounds: int = 1) -> list[dict]:
-    """Benchmark generation with the converted checkpoint in each mode, and transformers on its Hugging Face
-    files when they are there; every run in its own process, `rounds` times in rotated order. Returns one
-    row per configuration: the median of each figure over the rounds, and the read bandwidth around its runs."""
+              compile: bool = False, group_size: int = 32, transformers: bool = True, rounds: int = 1,
+              llama_cpp: bool = False, prompt_tokens: Optional[int] = None) -> list[dict]:
+    """Benchmark generation with the converted checkpoint in each mode, transformers on its Hugging Face files when
+    they are there, and llama.cpp on GGUF exports of it (bf16, q8_0, q4_0) where asked; every run in its own process,
+    `rounds` times in rotated order. The prompt is PROMPT, or `prompt_tokens` tokens of code. Returns one row per
+    configuration: the median of each figure over the rounds, and the read bandwidth around its runs."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / LIT_MODEL).is_file():
         raise NeedsStep(f"{checkpoint_dir} holds no converted checkpoint; convert it first", "convert", checkpoint_dir)
@@ -162,15 +219,52 @@ def benchmark(checkpoint_dir: Path, modes: Sequence[WeightMode] = ("bf16", "int8
         check_choice("modes", mode, WeightMode)
     if rounds < 1:
         raise InvalidArgument("rounds", f"must be at least 1, got {rounds}")
+    if prompt_tokens is not None:
+        _check_prompt_tokens(checkpoint_dir, prompt_tokens, max_new_tokens)
+    common = dict(max_new_tokens=max_new_tokens, prompt_tokens=prompt_tokens)
     runs = [(f"ours {mode}{' +compile' if compile else ''}",
-             dict(kind="ours", checkpoint_dir=str(checkpoint_dir), mode=mode, max_new_tokens=max_new_tokens,
-                  compile=compile, group_size=group_size))
+             dict(kind="ours", checkpoint_dir=str(checkpoint_dir), mode=mode, compile=compile, group_size=group_size,
+                  **common))
             for mode in modes]
     if transformers and (checkpoint_dir / HF_CONFIG).is_file():
-        runs.append(("transformers bf16", dict(kind="transformers", hf_dir=str(checkpoint_dir),
-                                               max_new_tokens=max_new_tokens)))
+        runs.append(("transformers bf16", dict(kind="transformers", hf_dir=str(checkpoint_dir), **common)))
+    if llama_cpp:
+        runs += _llama_cpp_runs(checkpoint_dir, common)
     results = _rounds(runs, rounds)
     return [dict(name=name, **_median(runs_of_one)) for name, runs_of_one in results.items()]
+
+
+def _check_prompt_tokens(checkpoint_dir: Path, prompt_tokens: int, max_new_tokens: int) -> None:
+    from lit_gpt.config import Config
+
+    context = Config.from_json(checkpoint_dir / LIT_CONFIG).block_size
+    if not 1 <= prompt_tokens <= context - max_new_tokens:
+        raise InvalidArgument("prompt_tokens", f"must be 1 to {context - max_new_tokens} (the context of {context} "
+                                               f"less {max_new_tokens} new tokens), got {prompt_tokens}")
+
+
+def _llama_cpp_runs(checkpoint_dir: Path, common: dict) -> list[tuple[str, dict]]:
+    """llama.cpp's configurations, on GGUF exports of the checkpoint in its gguf/ folder (written on the first run,
+    and again when lit_model.pth changes; not timed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise InvalidArgument("llama_cpp", "needs llama-cpp-python: pip install 'lit-phi[bench]' (which compiles "
+                                           "llama.cpp)")
+    from lit_gpt.config import Config
+    from lit_gpt.gguf_export import cached_gguf, gguf_tensor_bytes
+
+    config = Config.from_json(checkpoint_dir / LIT_CONFIG)
+    runs = []
+    for gguf_type in LLAMA_CPP_TYPES:
+        path = cached_gguf(checkpoint_dir, gguf_type)
+        sizes = gguf_tensor_bytes(config, gguf_type)
+        embedding = sizes["token_embd.weight"]
+        step_bytes = sum(sizes.values()) - embedding + embedding // config.padded_vocab_size  # one row of it
+        job = dict(kind="llama_cpp", gguf_path=str(path), checkpoint_dir=str(checkpoint_dir),
+                   weight_bytes=sum(sizes.values()), step_bytes=step_bytes, **common)
+        runs.append((f"llama.cpp {gguf_type}", job))
+    return runs
 
 
 def _rounds(runs: list[tuple[str, dict]], rounds: int) -> dict[str, list[dict]]:
@@ -207,8 +301,9 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
     ref = next((r for r in rows if r["name"].startswith("transformers") and "error" not in r), None)
     bf16 = next((r for r in rows if r["name"].startswith("ours bf16") and "error" not in r), None)
     medians = f"; medians of {rounds} rounds" if rounds > 1 else ""
-    print(f"\n{checkpoint_dir}, batch 1, greedy, {max_new_tokens} new tokens; read BW: a sum over 2 GB of float32, "
-          f"measured before and after each run{medians}. Memory: peak RSS, and how far the peak rose above the "
+    prompt = next((f"a {r['prompt_tokens']}-token prompt, " for r in rows if "prompt_tokens" in r), "")
+    print(f"\n{checkpoint_dir}, batch 1, greedy, {prompt}{max_new_tokens} new tokens; read BW: a sum over 2 GB of "
+          f"float32, measured before and after each run{medians}. Memory: peak RSS, and how far the peak rose above the "
           f"process's RSS before loading (the interpreter and torch), against the model's bytes (weights, KV "
           f"cache, tables)\n")
     head = ("| run | load s | first token s | prefill tok/s | decode tok/s | vs our bf16 | GB/step | GB/s "
@@ -220,7 +315,8 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
             print(f"| {r['name']} | error: {r['error']} |")
             continue
         ratio = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "-"
-        vs_bf16 = f"{r['decode_tps'] / bf16['decode_tps']:.2f}x" if bf16 and r["name"].startswith("ours") else "-"
+        ours_or_llama = r["name"].startswith(("ours", "llama.cpp"))
+        vs_bf16 = f"{r['decode_tps'] / bf16['decode_tps']:.2f}x" if bf16 and ours_or_llama else "-"
         rise = (r["peak_rss"] - r["start_rss"]) / r["model_bytes"] - 1
         print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
               f"| {vs_bf16} | {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
@@ -229,5 +325,5 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
 
 if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark '{"kind": "ours", ...}'
     job = json.loads(sys.argv[1])
-    bench = bench_ours if job.pop("kind") == "ours" else bench_transformers
+    bench = {"ours": bench_ours, "transformers": bench_transformers, "llama_cpp": bench_llama_cpp}[job.pop("kind")]
     print(json.dumps(bench(**job)))

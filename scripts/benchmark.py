@@ -1,4 +1,4 @@
-"""Benchmark generation: ours in each precision/quantization against transformers, on the same weights."""
+"""Benchmark generation: ours in each precision/quantization against transformers and llama.cpp, on the same weights."""
 
 import sys
 from pathlib import Path
@@ -23,8 +23,11 @@ def main(
     transformers: bool = True,
     make_random: Optional[Literal["phi-2", "phi-1_5", "phi-1"]] = None,
     rounds: int = 1,
+    llama_cpp: bool = False,
+    prompt_tokens: Optional[int] = None,
 ) -> None:
-    """Benchmark generation, ours in each mode against transformers on the same weights, and print a table.
+    """Benchmark generation, ours in each mode against transformers (and llama.cpp) on the same weights, and print a
+    table.
 
     The table holds load time, time to first token, prefill and decode tokens/s, memory bandwidth
     achieved (and its share of this machine's read bandwidth, measured in the same run) and peak
@@ -42,6 +45,10 @@ def main(
             checkpoint_dir (Hub file layout, then converted), unless one is there, to benchmark without the Hub.
         rounds: Run every configuration this many times, in rotated order, and report the median of each
             figure: on shared machines the bandwidth drifts by tens of percent within minutes.
+        llama_cpp: Also run llama.cpp (llama-cpp-python, the `bench` extra) on GGUF exports of the same weights in
+            bf16, q8_0 and q4_0, exported into checkpoint_dir/gguf/ on the first run (scripts/export_gguf.py).
+        prompt_tokens: A prompt of this many tokens of code instead of the 27-token one, e.g. 480 to measure
+            prefill on a long prompt.
     """
     if max_new_tokens < 2:
         raise InvalidArgument("max_new_tokens", f"must be >= 2 (a decode speed needs two tokens), got {max_new_tokens}")
@@ -54,7 +61,8 @@ def main(
         print(f"writing a random {make_random} checkpoint to {checkpoint_dir}", file=sys.stderr)
         write_random_hf_checkpoint(checkpoint_dir, make_random)
         convert_hf_checkpoint(checkpoint_dir)
-    rows = benchmark(checkpoint_dir, modes, max_new_tokens, compile, group_size, transformers, rounds)
+    rows = benchmark(checkpoint_dir, modes, max_new_tokens, compile, group_size, transformers, rounds,
+                     llama_cpp=llama_cpp, prompt_tokens=prompt_tokens)
     print_table(rows, checkpoint_dir, max_new_tokens, rounds)
 
 

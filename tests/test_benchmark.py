@@ -17,6 +17,23 @@ from lit_gpt.random_checkpoint import write_random_hf_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _table(stdout: str, names) -> dict[str, dict[str, str]]:
+    """The printed table's rows by name (each a dict by column), checked to hold these rows, each with positive
+    numbers (and a signed peak rise)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ") and line.count("|") == 15]
+    head = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = {line.split("|")[1].strip(): dict(zip(head, (c.strip() for c in line.split("|")[1:-1])))
+            for line in lines[1:]}
+    assert set(rows) >= set(names), stdout
+    for name in names:
+        assert "error" not in rows[name]["load s"], rows[name]
+        numbers = {key: float(cell.rstrip("%x")) for key, cell in rows[name].items()
+                   if key not in ("run", "peak rise vs model") and cell != "-"}
+        assert all(n > 0 for n in numbers.values()), rows[name]
+        assert re.fullmatch(r"[+-]\d+\.\d%", rows[name]["peak rise vs model"]), rows[name]
+    return rows
+
+
 @pytest.mark.slow
 def test_benchmark_prints_every_row(tmp_path):
     make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
@@ -27,17 +44,7 @@ def test_benchmark_prints_every_row(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert len(re.findall(r"read bandwidth [\d.]+ GB/s; running", proc.stderr)) == 4
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line.count("|") == 15]
-    head = [c.strip() for c in lines[0].split("|")[1:-1]]
-    rows = {line.split("|")[1].strip(): dict(zip(head, (c.strip() for c in line.split("|")[1:-1])))
-            for line in lines[1:]}
-    assert set(rows) >= {"ours bf16", "ours int8", "ours int4", "transformers bf16"}, proc.stdout
-    for name in ("ours bf16", "ours int8", "ours int4", "transformers bf16"):
-        assert "error" not in rows[name]["load s"], rows[name]
-        numbers = {key: float(cell.rstrip("%x")) for key, cell in rows[name].items()
-                   if key not in ("run", "peak rise vs model") and cell != "-"}
-        assert all(n > 0 for n in numbers.values()), rows[name]
-        assert re.fullmatch(r"[+-]\d+\.\d%", rows[name]["peak rise vs model"]), rows[name]
+    rows = _table(proc.stdout, ("ours bf16", "ours int8", "ours int4", "transformers bf16"))
     assert rows["ours bf16"]["vs our bf16"] == "1.00x" and rows["transformers bf16"]["vs our bf16"] == "-"
     # bytes per step and in memory: int8 stores about half of bf16, int4 about a quarter (plus scales)
     for column in ("GB/step", "model GB"):
@@ -63,6 +70,32 @@ def test_rounds_rerun_every_configuration_and_report_medians(tmp_path):
 
     bad = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == ["error: --rounds must be at least 1, got 0"]
+
+
+@pytest.mark.slow
+def test_llama_cpp_rows_on_gguf_exports_beside_the_checkpoint_with_a_long_prompt(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'lit-phi[bench]')")
+    make_hf_checkpoint(tmp_path, tiny_hf_config(n_embd=128, n_head=4))
+    convert_hf_checkpoint(tmp_path, show_progress=False)
+    args = [sys.executable, str(ROOT / "scripts/benchmark.py"), "--checkpoint_dir", str(tmp_path), "--modes", "[bf16]",
+            "--max_new_tokens", "8", "--transformers", "False", "--llama_cpp", "True"]
+    proc = subprocess.run([*args, "--prompt_tokens", "100"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    names = ("ours bf16", "llama.cpp bf16", "llama.cpp q8_0", "llama.cpp q4_0")
+    assert re.findall(r"round 1/1: read bandwidth [\d.]+ GB/s; running (.+) \.\.\.", proc.stderr) == list(names)
+    assert "greedy, a 100-token prompt, 8 new tokens" in proc.stdout
+    rows = _table(proc.stdout, names)
+    assert all(rows[name]["vs our bf16"].endswith("x") for name in names)
+    # the exports stay in the checkpoint's gguf/ folder for the next run, 16, 8.5 and 4.5 bits a weight
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [
+        f"{tmp_path.name}-{t}.gguf" for t in ("bf16", "q4_0", "q8_0")]
+    for column in ("GB/step", "model GB"):
+        gb = [float(rows[name][column]) for name in names[1:]]
+        assert gb[2] < gb[1] < gb[0], column
+
+    bad = subprocess.run([*args, "--prompt_tokens", "125"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [
+        "error: --prompt_tokens must be 1 to 120 (the context of 128 less 8 new tokens), got 125"]
 
 
 @pytest.mark.slow
