@@ -98,6 +98,32 @@ def test_llama_cpp_rows_on_gguf_exports_beside_the_checkpoint_with_a_long_prompt
         "error: --prompt_tokens must be 1 to 120 (the context of 128 less 8 new tokens), got 125"]
 
 
+def test_a_long_prompt_is_code_of_exactly_that_many_tokens():
+    from lit_gpt.benchmark import PROMPT, prompt_ids
+    from lit_gpt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(ROOT / "demo" / "phi-stdlib")
+    encode = lambda text: tokenizer.encode(text).tolist()  # noqa: E731
+    assert prompt_ids(encode) == encode(PROMPT)
+    for n in (1, 30, 480):
+        ids = prompt_ids(encode, n)
+        assert len(ids) == n and PROMPT.startswith(tokenizer.decode(ids[:5]))
+    assert tokenizer.decode(prompt_ids(encode, 480)).startswith(PROMPT + "    primes = []\n")
+
+
+def test_llama_cpp_rows_without_llama_cpp_python_are_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    from lit_gpt.benchmark import benchmark
+    from lit_gpt.utils import InvalidArgument
+
+    (tmp_path / "lit_model.pth").touch()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    with pytest.raises(InvalidArgument, match=r"^llama_cpp needs llama-cpp-python: pip install 'lit-phi\[bench\]'"):
+        benchmark(tmp_path, llama_cpp=True)
+
+
 @pytest.mark.slow
 def test_random_checkpoint_has_the_real_layout_and_converts(tmp_path):
     from transformers import AutoModelForCausalLM
