@@ -418,10 +418,10 @@ static void rope_bf16(const uint16_t *x, const float *cos, const float *sin, uin
 
 // qkv: (B, n_groups, q_per_kv + 2, hs), each group's query heads, then its key and value (the model's fused
 // layout); cos, sin: n_elem floats for position pos; k, v: the cache (B, n_groups, S, hs), written at pos;
-// y: (B, n_head, hs), attending to positions 0 .. pos.
+// y: (B, n_head, hs), attending to positions start .. pos (start > 0: a sliding window).
 int attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v, uint16_t *y,
-                  int64_t B, int64_t n_head, int64_t n_groups, int64_t S, int64_t pos, int64_t hs, int64_t n_elem,
-                  float scale) {
+                  int64_t B, int64_t n_head, int64_t n_groups, int64_t S, int64_t pos, int64_t start, int64_t hs,
+                  int64_t n_elem, float scale) {
     int64_t q_per_kv = n_head / n_groups, stride = (q_per_kv + 2) * hs;
     uint16_t *q = malloc(B * n_head * hs * sizeof(uint16_t));  // the rotated queries, (B, n_head, hs)
     if (!q) return OUT_OF_MEMORY;
@@ -432,7 +432,7 @@ int attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint1
         rope_bf16(group + q_per_kv * hs, cos, sin, k + (bg * S + pos) * hs, hs, n_elem);
         memcpy(v + (bg * S + pos) * hs, group + (q_per_kv + 1) * hs, hs * sizeof(uint16_t));
     }
-    int status = attend_one(q, k, v, y, B, n_head, n_groups, S, pos + 1, hs, scale);
+    int status = attend_one(q, k + start * hs, v + start * hs, y, B, n_head, n_groups, S, pos + 1 - start, hs, scale);
     free(q);
     return status;
 }

@@ -178,25 +178,34 @@ def _attend_empty(q: Tensor, *_) -> Tensor:
     return torch.empty_like(q)
 
 
-def _run_attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float) -> Tensor:
+def _window_start(length: int, window: int) -> int:
+    """The first cache position a query at position length - 1 sees: 0, or with a sliding window (window > 0) the
+    first of the last `window` positions."""
+    return max(0, length - window) if window > 0 else 0
+
+
+def _run_attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float, window: int) -> Tensor:
     B, n_head, _, head_size = q.shape
     length = int(input_pos.reshape(-1)[-1]) + 1  # (checked here: under torch.compile the position is not known before)
     if not 1 <= length <= k.shape[2]:
         raise IndexError(f"position {length - 1} is outside the cache of {k.shape[2]} positions")
     q = q.contiguous()
     y = _attend_empty(q)
-    _check(_lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2],
-                           length, head_size, scale))
+    start = _window_start(length, window)  # keys and values from there: the same rows, `start` rows later
+    offset = start * head_size * k.element_size()
+    _check(_lib.attend_one(q.data_ptr(), k.data_ptr() + offset, v.data_ptr() + offset, y.data_ptr(), B, n_head,
+                           k.shape[1], k.shape[2], length - start, head_size, scale))
     return y
 
 
 def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, length: int, n_head: int,
-                       rope_n_elem: int, scale: float) -> Tensor:
+                       rope_n_elem: int, scale: float, window: int) -> Tensor:
     B, n_groups, S, head_size = k.shape
     y = qkv.new_empty(B, 1, n_head * head_size)
     cos, sin = cos.float(), sin.float()  # (exact: the kernel rounds them to bf16, as the PyTorch path does)
     _check(_lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
-                              B, n_head, n_groups, S, length - 1, head_size, rope_n_elem, scale))
+                              B, n_head, n_groups, S, length - 1, _window_start(length, window), head_size,
+                              rope_n_elem, scale))
     return y
 
 
@@ -207,7 +216,7 @@ _GEMV_INT4 = _Kernel("gemv_int4", _STATUS, (_P,) * 5 + (_I64,) * 4, _run_int4, "
 _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 6 + (_F32,), _run_attend_one, "attend_one",
                       _attend_empty)
 # eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
-_ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 7 + (_F32,), _run_attend_decode)
+_ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 8 + (_F32,), _run_attend_decode)
 _KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE)
 
 
@@ -272,38 +281,40 @@ def linear_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optio
     return None
 
 
-def attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float) -> Optional[Tensor]:
-    """Softmax attention of one query per sequence and head over cached positions 0 .. input_pos.
+def attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float, window: int = 0) -> Optional[Tensor]:
+    """Softmax attention of one query per sequence and head over cached positions 0 .. input_pos (with a sliding
+    window > 0, over the last `window` of them).
 
     q: (B, n_head, 1, head_size); k, v: the whole cache (B, n_groups, max_seq_length, head_size), n_head a
     multiple of n_groups; all bf16; input_pos: the query's position (one element). Returns
     (B, n_head, 1, head_size), as F.scaled_dot_product_attention would; None where the kernels cannot take it."""
     if (q.dim() == 4 and q.shape[2] == 1 and q.shape[3] <= MAX_HEAD_SIZE and q.dtype == k.dtype == v.dtype == _BF16
             and k.dim() == 4 and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3]
-            and q.shape[1] % k.shape[1] == 0 and _usable(q, k, v)):
-        return _ATTEND_ONE(q, k, v, input_pos, scale)
+            and q.shape[1] % k.shape[1] == 0 and window >= 0 and _usable(q, k, v)):
+        return _ATTEND_ONE(q, k, v, input_pos, scale, window)
     return None
 
 
 def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, length: int, n_head: int,
-                  rope_n_elem: int, scale: float) -> Optional[Tensor]:
+                  rope_n_elem: int, scale: float, window: int = 0) -> Optional[Tensor]:
     """A decode step's attention, from the fused qkv row to the heads' outputs, in one call (eager only).
 
     qkv: (B, 1, n_groups * (n_head / n_groups + 2) * head_size), per group its query heads, key and value;
     cos, sin: (1, rope_n_elem) rotary tables at the new position, length - 1; k, v: a cache
     (B, n_groups, max_seq_length, head_size), into which the new key (rotated) and value are written.
-    Returns (B, 1, n_head * head_size): attention over positions 0 .. length - 1, as CausalSelfAttention
-    computes it in PyTorch (the rotary embedding rounded to bf16 the same way). None, with k and v untouched,
-    where the kernels cannot take the step (under torch.compile too: inductor fuses these ops itself)."""
+    Returns (B, 1, n_head * head_size): attention over positions 0 .. length - 1 (with a sliding window > 0, the
+    last `window` of them), as CausalSelfAttention computes it in PyTorch (the rotary embedding rounded to bf16
+    the same way). None, with k and v untouched, where the kernels cannot take the step (under torch.compile too:
+    inductor fuses these ops itself)."""
     if torch.compiler.is_compiling() or qkv.dim() != 3 or k.dim() != 4:
         return None
     B, n_groups, S, head_size = k.shape
     if (qkv.shape[:2] == (B, 1) and qkv.dtype == k.dtype == v.dtype == _BF16 and k.shape == v.shape
             and n_head % n_groups == 0 and qkv.shape[2] == (n_head + 2 * n_groups) * head_size
             and head_size <= MAX_HEAD_SIZE and 1 <= length <= S and 0 <= rope_n_elem <= head_size
-            and rope_n_elem % 2 == 0 and cos.is_floating_point() and sin.is_floating_point()
+            and rope_n_elem % 2 == 0 and cos.is_floating_point() and sin.is_floating_point() and window >= 0
             and cos.numel() == sin.numel() == rope_n_elem and _usable(qkv, cos, sin, k, v)):
-        return _ATTEND_DECODE(qkv, cos, sin, k, v, length, n_head, rope_n_elem, scale)
+        return _ATTEND_DECODE(qkv, cos, sin, k, v, length, n_head, rope_n_elem, scale, window)
     return None
 
 
