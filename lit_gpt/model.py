@@ -1,6 +1,9 @@
-"""The Phi model: a GPT with parallel attention + MLP blocks that read one shared LayerNorm.
+"""The Phi model: a GPT of Phi-1/1.5/2's blocks (attention and MLP in parallel, reading one shared LayerNorm) or of
+the later family's (Phi-3, Phi-3.5, Phi-4-mini, phi-4: a sequential residual over two RMSNorms, a SwiGLU MLP), as
+the config says (`parallel_residual`), with the later family's grouped-query attention, partial rotary, tied
+embeddings, sliding window and longrope.
 
-Read top to bottom: GPT -> Block -> CausalSelfAttention / MLP -> rotary helpers -> KVCache.
+Read top to bottom: GPT -> Block -> CausalSelfAttention / MLP -> norms, masks and rotary helpers -> KVCache.
 """
 
 import math
@@ -13,6 +16,9 @@ import torch.nn.functional as F
 from lit_gpt import gemv
 from lit_gpt.config import Config
 
+# tokens per forward when the cache is computed again with the other longrope factors (as generate's prefill chunks)
+REFILL_CHUNK = 512
+
 
 class GPT(nn.Module):
     def __init__(self, config: Config) -> None:
@@ -23,9 +29,17 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps),
+                ln_f=make_norm(config),
             )
         )
+        if config.tie_embeddings:
+            # one tensor, held in lit_model.pth once, as transformer.wte.weight (as transformers saves it)
+            self.lm_head.weight = self.transformer.wte.weight
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_add_tied_head)
+            self.register_load_state_dict_post_hook(_tie_head)
+        self.long_rope = False  # longrope: whether the keys in the KV cache carry the long factors (see _sync_rope)
+        self._cache_ids: Optional[torch.Tensor] = None  # longrope: the token ids in the KV cache (B, max_seq_length)
         self.max_seq_length = config.block_size
         self.reset_rope_cache()
 
@@ -50,11 +64,25 @@ class GPT(nn.Module):
             raise ValueError(f"max_seq_length {length} exceeds the model's context {self.config.block_size}")
 
     def reset_rope_cache(self, device: Optional[torch.device] = None) -> None:
-        """(Re)compute the rotary tables; needed after building the model on the meta device."""
+        """(Re)compute the rotary tables; needed after building the model on the meta device. With longrope, `cos` and
+        `sin` hold the long factors' table (block_size rows), then the short factors' (see `rope_tables`)."""
         device = device or self.lm_head.weight.device
-        cos, sin = build_rope_cache(self.config.block_size, self.config.rope_n_elem, self.config.rope_base, device)
+        c = self.config
+        cos, sin = build_rope_cache(c.block_size, c.rope_n_elem, c.rope_base, device, c.rope_long_factor,
+                                    c.longrope_scale if c.longrope else 1.0)
+        if c.longrope:
+            short = build_rope_cache(min(c.rope_original_max_seq_len, c.block_size), c.rope_n_elem, c.rope_base, device,
+                                     c.rope_short_factor, c.longrope_scale)
+            cos, sin = torch.cat((cos, short[0])), torch.cat((sin, short[1]))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+
+    def rope_tables(self, long: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin by position: with longrope, of the long or the short factors."""
+        if not self.config.longrope:
+            return self.cos, self.sin
+        n = self.config.block_size
+        return (self.cos[:n], self.sin[:n]) if long else (self.cos[n:], self.sin[n:])
 
     def set_kv_cache(
         self,
@@ -71,20 +99,21 @@ class GPT(nn.Module):
         self._max_seq_length = max_seq_length
         device = device or self.lm_head.weight.device
         dtype = dtype or self.transformer.wte.weight.dtype
-        # a causal mask over the whole cache, for the compiled path that keeps shapes static
-        self.register_buffer(
-            "causal_mask",
-            torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device).tril(),
-            persistent=False,
-        )
         c = self.config
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, c.n_query_groups, max_seq_length, c.head_size, device, dtype)
+        self.long_rope = False
+        if c.longrope:
+            self._cache_ids = torch.zeros(batch_size, max_seq_length, dtype=torch.long, device=device)
 
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
+        self._cache_ids = None
 
+    # under torch.compile (of this module) this frame stays eager and the functions it calls are traced: _forward
+    # as the graph, _sync_rope not (disabled: it reads positions on the host and may run a prefill)
+    @torch.compiler.disable(recursive=False)
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits for token ids `idx` (B, T).
 
@@ -92,40 +121,76 @@ class GPT(nn.Module):
         With `input_pos` (T positions): tokens are written into the KV cache at those positions and
         attend to everything cached before them (prefill of a prompt or of a new chat turn, decode).
         """
+        if input_pos is not None and self._cache_ids is not None:
+            self._sync_rope(input_pos)
+            self._cache_ids.index_copy_(1, input_pos, idx)
+        return self._forward(idx, input_pos)
+
+    def _forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], logits: bool = True) -> torch.Tensor:
         T = idx.size(1)
+        c = self.config
         if input_pos is None:
-            if T > self.config.block_size:
-                raise ValueError(f"sequence of {T} tokens exceeds the model's context {self.config.block_size}")
-            cos, sin = self.cos[:T], self.sin[:T]
+            if T > c.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context {c.block_size}")
+            cos, sin = self.rope_tables(c.longrope and T > c.rope_original_max_seq_len)
+            cos, sin = cos[:T], sin[:T]
             window = None
         else:
-            cos, sin = self.cos[input_pos], self.sin[input_pos]
+            cos, sin = self.rope_tables(self.long_rope)
+            cos, sin = cos[input_pos], sin[input_pos]
             window = self.attention_window(input_pos)
 
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos, window)
-        return self.lm_head(self.transformer.ln_f(x))
+        return self.lm_head(self.transformer.ln_f(x)) if logits else x
+
+    @torch.compiler.disable
+    def _sync_rope(self, input_pos: torch.Tensor) -> None:
+        """Longrope: which factors the KV cache's keys carry when a sequence grows past rope_original_max_seq_len.
+
+        As in transformers, the factors are those of the whole sequence's length: the short ones while it is at most
+        rope_original_max_seq_len tokens, the long ones for every position beyond (its generate drops the cache at
+        that point and processes the sequence again). So when a forward through the cache crosses that length,
+        either way (a conversation that grows past it, or one cut back below it), the positions already cached are
+        computed again from their token ids with the new factors, a prefill of at most that many tokens, once:
+        the logits are those of the whole sequence in one forward, not of keys rotated with a mix of factors."""
+        long = int(input_pos.max()) >= self.config.rope_original_max_seq_len
+        if long == self.long_rope:
+            return
+        self.long_rope = long
+        start = int(input_pos.min())
+        if start > 0:
+            self._refill(start)
+
+    def _refill(self, end: int) -> None:
+        """Compute the cache at positions 0 .. end - 1 again from its token ids (with the current rotary factors)."""
+        with torch.no_grad():
+            for begin in range(0, end, REFILL_CHUNK):
+                pos = torch.arange(begin, min(begin + REFILL_CHUNK, end), device=self._cache_ids.device)
+                self._forward(self._cache_ids[:, pos], pos, logits=False)
 
     def attention_window(self, input_pos: torch.Tensor) -> "Window":
         """The cache slots the queries at `input_pos` look at."""
+        window = self.config.sliding_window
         if torch.compiler.is_compiling():
             # static shapes: attend over the whole cache, masked (one graph for every step)
-            return Window(self.max_seq_length, self.causal_mask[input_pos])
+            return Window(self.max_seq_length, attention_mask(input_pos, self.max_seq_length, window))
         # eager: read only the filled part of the cache (the positions are on the host for free on CPU;
         # on GPU this is one tiny sync per step)
         end = int(input_pos[-1]) + 1
         if input_pos.numel() == 1:
-            return Window(end, None)
-        return Window(end, self.causal_mask[input_pos, :end])
+            return Window(end, None, 0 if window is None else max(0, end - window))
+        return Window(end, attention_mask(input_pos, end, window))
 
 
 class Window(NamedTuple):
     """What a forward with `input_pos` attends to: cache positions 0 .. length - 1, through `mask` (T, length)
-    (None: all of them, as for a single query at position length - 1)."""
+    (None: positions start .. length - 1, as for a single query at position length - 1)."""
 
     length: int
     mask: Optional[torch.Tensor]
+    start: int = 0
 
 
 class Linear(nn.Linear):
@@ -144,15 +209,19 @@ class Linear(nn.Linear):
 class Block(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.norm_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+        self.norm_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
+        self.norm_2 = None if config.parallel_residual else make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor],
                 window: Optional[Window]) -> torch.Tensor:
         h = self.norm_1(x)
-        # parallel residual: attention and MLP both read the same normalized input
-        return x + self.attn(h, cos, sin, input_pos, window) + self.mlp(h)
+        a = self.attn(h, cos, sin, input_pos, window)
+        if self.norm_2 is None:  # parallel residual: attention and MLP both read the same normalized input
+            return x + a + self.mlp(h)
+        x = x + a
+        return x + self.mlp(self.norm_2(x))
 
 
 class CausalSelfAttention(nn.Module):
@@ -174,19 +243,24 @@ class CausalSelfAttention(nn.Module):
         qkv = self.attn(x)
         if input_pos is None:
             q, k, v = self.heads(qkv, cos, sin)
-            y = self.attention(q, k, v, None, scale, causal=True)
+            banded = c.sliding_window is not None and T > c.sliding_window
+            mask = attention_mask(torch.arange(T, device=x.device), T, c.sliding_window) if banded else None
+            y = self.attention(q, k, v, mask, scale, causal=not banded)
         else:
             if self.kv_cache is None:
                 raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
             # an eager decode step on CPU: rotary embedding, cache write and attention in one kernel call
-            y = self.kv_cache.fused_decode(qkv, cos, sin, window.length, c.n_head, c.rope_n_elem, scale)
+            y = self.kv_cache.fused_decode(qkv, cos, sin, window.length, c.n_head, c.rope_n_elem, scale,
+                                           c.sliding_window)
             if y is not None:
                 return self.proj(y)
             q, k, v = self.heads(qkv, cos, sin)
             k, v = self.kv_cache.update(input_pos, k, v)
-            y = gemv.attend_one(q, k, v, input_pos, scale)  # a decode step on CPU (see gemv.c); needs no mask
+            # a decode step on CPU (see gemv.c); needs no mask
+            y = gemv.attend_one(q, k, v, input_pos, scale, c.sliding_window or 0)
             if y is None:
-                y = self.attention(q, k[:, :, : window.length], v[:, :, : window.length], window.mask, scale)
+                s, e = window.start, window.length
+                y = self.attention(q, k[:, :, s:e], v[:, :, s:e], window.mask, scale)
         y = y.transpose(1, 2).reshape(B, T, c.n_head * c.head_size)
         return self.proj(y)
 
@@ -211,22 +285,65 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Phi-1/1.5/2: fc, GELU (tanh), proj. The later family: SwiGLU, proj(silu(gate) * up), with gate and up in one
+    matrix `fc`, gate rows first (the checkpoints' gate_up_proj)."""
+
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.fc = Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.gated = config.mlp_class_name == "LLaMAMLP"
+        self.fc = Linear(config.n_embd, (2 if self.gated else 1) * config.intermediate_size, bias=config.bias)
         self.proj = Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        if not self.gated:
+            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
 
 
-def build_rope_cache(seq_len: int, n_elem: int, base: int,
-                     device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (seq_len, n_elem), float32, in the "rotate half" layout."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem))
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, normalized in float32 and cast back before the weight multiplies it (as
+    the checkpoints' Phi3RMSNorm does, so that bf16 results match theirs too)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def make_norm(config: Config) -> nn.Module:
+    if config.norm_class_name == "RMSNorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+def attention_mask(input_pos: torch.Tensor, length: int, sliding_window: Optional[int]) -> torch.Tensor:
+    """(T, length), True where the query at position input_pos[t] sees position j: j <= its position and, with a
+    sliding window, j > its position - sliding_window (transformers' sliding_window_overlay)."""
+    j = torch.arange(length, device=input_pos.device)
+    pos = input_pos.unsqueeze(-1)
+    mask = j <= pos
+    return mask if sliding_window is None else mask & (j > pos - sliding_window)
+
+
+def build_rope_cache(seq_len: int, n_elem: int, base: int, device: Optional[torch.device] = None,
+                     factors: Optional[list] = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (seq_len, n_elem), float32, in the "rotate half" layout. longrope: each frequency
+    divided by its factor, cos and sin multiplied by `scale`."""
+    exponents = torch.arange(0, n_elem, 2, device=device, dtype=torch.float32) / n_elem
+    if factors is None:
+        inv_freq = 1.0 / (base ** exponents)
+    else:
+        inv_freq = 1.0 / (torch.tensor(factors, device=device, dtype=torch.float32) * base ** exponents)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     freqs = torch.cat((freqs, freqs), dim=-1)
-    return freqs.cos(), freqs.sin()
+    if scale == 1.0:
+        return freqs.cos(), freqs.sin()
+    return freqs.cos() * scale, freqs.sin() * scale
 
 
 def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_elem: int) -> torch.Tensor:
@@ -257,9 +374,30 @@ class KVCache(nn.Module):
         return self.k, self.v
 
     def fused_decode(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: int, n_head: int,
-                     rope_n_elem: int, scale: float) -> Optional[torch.Tensor]:
+                     rope_n_elem: int, scale: float, sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:
         """A one-token decode step's attention in one kernel call (gemv.attend_decode), from the fused qkv row
         (B, 1, ...): the new key, rotated, and value written at position length - 1, the new query attending to
-        positions 0 .. length - 1; returns (B, 1, n_head * head_size). None, with the cache untouched, where
-        the kernel does not take the step: rotate, `update` and attend in PyTorch then."""
-        return gemv.attend_decode(qkv, cos, sin, self.k, self.v, length, n_head, rope_n_elem, scale)
+        positions 0 .. length - 1 (the last sliding_window of them); returns (B, 1, n_head * head_size). None, with
+        the cache untouched, where the kernel does not take the step: rotate, `update` and attend in PyTorch then."""
+        return gemv.attend_decode(qkv, cos, sin, self.k, self.v, length, n_head, rope_n_elem, scale,
+                                  sliding_window or 0)
+
+
+def _drop_tied_head(model: GPT, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Tied embeddings: the LM head's weight is the embedding's, saved once under its name."""
+    if model.lm_head.weight is model.transformer.wte.weight:
+        del state_dict[prefix + "lm_head.weight"]
+
+
+def _add_tied_head(model: GPT, state_dict: dict, prefix: str, *args) -> None:
+    """Tied embeddings: a state dict without the LM head's weight gives it the embedding's (a quantized head, which
+    is not tied, brings its own)."""
+    wte = state_dict.get(prefix + "transformer.wte.weight")
+    if isinstance(model.lm_head, nn.Linear) and prefix + "lm_head.weight" not in state_dict and wte is not None:
+        state_dict[prefix + "lm_head.weight"] = wte
+
+
+def _tie_head(model: GPT, incompatible_keys) -> None:
+    """After load_state_dict(assign=True) the head and the embedding are two parameters on one tensor: one again."""
+    if isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = model.transformer.wte.weight
