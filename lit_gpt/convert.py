@@ -1,8 +1,9 @@
 """Conversion between Hugging Face Phi checkpoints and ours, both ways, driven by one name table.
 
-WEIGHT_NAMES says where each of our tensors lives in each of the three naming schemes Phi checkpoints have had
-on the Hub; `convert_hf_checkpoint` reads any of them (safetensors or .bin, sharded or not, one tensor at a
-time) into lit_model.pth, and `save_hf_checkpoint` writes transformers' current format back.
+WEIGHT_NAMES says where each of our tensors lives in each of the naming schemes Phi checkpoints have had on the
+Hub (three for Phi-1/1.5/2, one for the later family); `convert_hf_checkpoint` reads any of them (safetensors or
+.bin, sharded or not, one tensor at a time) into lit_model.pth, and `save_hf_checkpoint` writes transformers'
+current format back.
 """
 
 import json
@@ -27,32 +28,44 @@ from lit_gpt.load import expected_shapes, load_lit_state_dict, qkv_to_lit
 from lit_gpt.tensor_writer import IncrementalTensorWriter
 from lit_gpt.utils import InvalidArgument, NeedsStep, UserError, atomic_path, first_line, progress
 
-SCHEMES = ("phi", "phi-msft", "mixformer-sequential")
+# transformers' PhiForCausalLM, the remote-code "phi-msft", the original MixFormer, and Phi3ForCausalLM (the later
+# family's sequential block: its names are the only ones of that block)
+SCHEMES = ("phi", "phi-msft", "mixformer-sequential", "phi3")
 
-# lit name -> name in each scheme, in the order of SCHEMES. Placeholders: {i} block index,
-# {j} = i + 1 and {last} = n_layer + 1 (MixFormer is one flat Sequential: embedding, blocks, head),
-# {wb} expands to "weight" and "bias". A tuple holds q, k, v kept apart; a single qkv name holds
-# them concatenated as [q; k; v] on the output dim.
+# lit name -> name in each scheme, in the order of SCHEMES (None: the scheme's block has no such tensor).
+# Placeholders: {i} block index, {j} = i + 1 and {last} = n_layer + 1 (MixFormer is one flat Sequential:
+# embedding, blocks, head), {wb} expands to "weight" and "bias" (where the model has a bias). A tuple holds q, k, v
+# kept apart; a single qkv name holds them concatenated as [q; k; v] on the output dim. The later family's mlp.fc is
+# gate_up_proj as it is: gate rows, then up rows.
 WEIGHT_NAMES = [
     ("transformer.wte.weight",
-     "model.embed_tokens.weight", "transformer.embd.wte.weight", "layers.0.wte.weight"),
+     "model.embed_tokens.weight", "transformer.embd.wte.weight", "layers.0.wte.weight", "model.embed_tokens.weight"),
     ("transformer.h.{i}.norm_1.{wb}",
-     "model.layers.{i}.input_layernorm.{wb}", "transformer.h.{i}.ln.{wb}", "layers.{j}.ln.{wb}"),
+     "model.layers.{i}.input_layernorm.{wb}", "transformer.h.{i}.ln.{wb}", "layers.{j}.ln.{wb}",
+     "model.layers.{i}.input_layernorm.{wb}"),
     ("transformer.h.{i}.attn.attn.{wb}",
      ("model.layers.{i}.self_attn.q_proj.{wb}", "model.layers.{i}.self_attn.k_proj.{wb}",
       "model.layers.{i}.self_attn.v_proj.{wb}"),
-     "transformer.h.{i}.mixer.Wqkv.{wb}", "layers.{j}.mixer.Wqkv.{wb}"),
+     "transformer.h.{i}.mixer.Wqkv.{wb}", "layers.{j}.mixer.Wqkv.{wb}", "model.layers.{i}.self_attn.qkv_proj.{wb}"),
     ("transformer.h.{i}.attn.proj.{wb}",
-     "model.layers.{i}.self_attn.dense.{wb}", "transformer.h.{i}.mixer.out_proj.{wb}", "layers.{j}.mixer.out_proj.{wb}"),
+     "model.layers.{i}.self_attn.dense.{wb}", "transformer.h.{i}.mixer.out_proj.{wb}", "layers.{j}.mixer.out_proj.{wb}",
+     "model.layers.{i}.self_attn.o_proj.{wb}"),
+    ("transformer.h.{i}.norm_2.{wb}",
+     None, None, None, "model.layers.{i}.post_attention_layernorm.{wb}"),
     ("transformer.h.{i}.mlp.fc.{wb}",
-     "model.layers.{i}.mlp.fc1.{wb}", "transformer.h.{i}.mlp.fc1.{wb}", "layers.{j}.mlp.fc1.{wb}"),
+     "model.layers.{i}.mlp.fc1.{wb}", "transformer.h.{i}.mlp.fc1.{wb}", "layers.{j}.mlp.fc1.{wb}",
+     "model.layers.{i}.mlp.gate_up_proj.{wb}"),
     ("transformer.h.{i}.mlp.proj.{wb}",
-     "model.layers.{i}.mlp.fc2.{wb}", "transformer.h.{i}.mlp.fc2.{wb}", "layers.{j}.mlp.fc2.{wb}"),
+     "model.layers.{i}.mlp.fc2.{wb}", "transformer.h.{i}.mlp.fc2.{wb}", "layers.{j}.mlp.fc2.{wb}",
+     "model.layers.{i}.mlp.down_proj.{wb}"),
     ("transformer.ln_f.{wb}",
-     "model.final_layernorm.{wb}", "lm_head.ln.{wb}", "layers.{last}.ln.{wb}"),
+     "model.final_layernorm.{wb}", "lm_head.ln.{wb}", "layers.{last}.ln.{wb}", "model.norm.{wb}"),
     ("lm_head.{wb}",
-     "lm_head.{wb}", "lm_head.linear.{wb}", "layers.{last}.linear.{wb}"),
+     "lm_head.{wb}", "lm_head.linear.{wb}", "layers.{last}.linear.{wb}", "lm_head.{wb}"),
 ]
+# the rows that size a checkpoint: the embedding, the attention's output projection (one per block only), the head
+_EMBEDDING, _ATTN_PROJ, _HEAD = (next(row for row in WEIGHT_NAMES if row[0].startswith(lit))
+                                 for lit in ("transformer.wte.", "transformer.h.{i}.attn.proj.", "lm_head."))
 
 # buffers some old checkpoints carry that are recomputed, not loaded
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.masked_bias", "attention.bias")
@@ -65,29 +78,51 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def name_map(config: Config, scheme: str) -> dict[str, tuple[str, ...]]:
-    """Every lit tensor name -> its source name(s) in `scheme` (three names for q, k, v kept apart)."""
+    """Every lit tensor name of the model `config` describes -> its source name(s) in `scheme` (three names for
+    q, k, v kept apart)."""
     col = 1 + SCHEMES.index(scheme)
+    ours = expected_shapes(config)
     out: dict[str, tuple[str, ...]] = {}
     for row in WEIGHT_NAMES:
         lit, theirs = row[0], row[col]
+        if theirs is None:
+            continue
         theirs = theirs if isinstance(theirs, tuple) else (theirs,)
         blocks = range(config.n_layer) if "{i}" in lit else [None]
         kinds = ("weight", "bias") if "{wb}" in lit else [None]
         for i in blocks:
             for wb in kinds:
                 fmt = dict(i=i, j=None if i is None else i + 1, last=config.n_layer + 1, wb=wb)
-                out[lit.format(**fmt)] = tuple(t.format(**fmt) for t in theirs)
+                if lit.format(**fmt) in ours:
+                    out[lit.format(**fmt)] = tuple(t.format(**fmt) for t in theirs)
     return out
 
 
 def detect_scheme(names: set[str]) -> str:
     """Which naming scheme a checkpoint uses, from its tensor names alone."""
-    for scheme, marker in (("phi", "model.embed_tokens.weight"), ("phi-msft", "transformer.embd.wte.weight"),
+    for scheme, marker in (("phi3", "model.norm.weight"), ("phi", "model.embed_tokens.weight"),  # phi3's first
+                           ("phi-msft", "transformer.embd.wte.weight"),
                            ("mixformer-sequential", "layers.0.wte.weight")):
         if marker in names:
             return scheme
     sample = ", ".join(sorted(names)[:3])
     raise UserError(f"the weights are not in any known Phi naming scheme (found e.g. {sample})")
+
+
+def hf_scheme(config: Config) -> str:
+    """The naming scheme transformers uses today for the block `config` describes."""
+    return "phi" if config.parallel_residual else "phi3"
+
+
+def hf_tensors(lit_name: str, tensor: torch.Tensor, targets: tuple[str, ...],
+               config: Config) -> dict[str, torch.Tensor]:
+    """Our tensor under its name(s) in a scheme (`targets`, from name_map): the fused attention as q, k and v apart
+    or as one [q; k; v], everything else as it is."""
+    if ".attn.attn." not in lit_name:
+        return {targets[0]: tensor.contiguous()}
+    parts = lit_to_qkv(tensor, config)
+    parts = parts if len(targets) == 3 else (torch.cat(parts),)
+    return {target: part.contiguous() for target, part in zip(targets, parts)}
 
 
 def lit_to_qkv(qkv: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,8 +244,14 @@ def convert_hf_checkpoint(
     elif (checkpoint_dir / HF_CONFIG).is_file():
         config = Config.from_hf_config(checkpoint_dir / HF_CONFIG)
     else:
-        raise InvalidArgument("model_name", f"is needed: {checkpoint_dir} has no config.json (phi-1, phi-1_5 or phi-2)")
+        names = ", ".join(c["name"] for c in configs)
+        raise InvalidArgument("model_name", f"is needed: {checkpoint_dir} has no config.json (one of {names})")
     scheme = detect_scheme(set(weights.where))
+    if (scheme == "phi3") == config.parallel_residual:
+        described = "Phi-1/1.5/2's" if config.parallel_residual else "Phi-3's (the later family's)"
+        source = f"the named config {model_name}" if model_name else checkpoint_dir / HF_CONFIG
+        raise UserError(f"the weights in {checkpoint_dir} are named as in {scheme} checkpoints, but {source} describes "
+                        f"{described} block")
     _check_sizes_in_headers(weights, config, scheme, checkpoint_dir, model_name)
     names = name_map(config, scheme)
     _check_names_and_shapes(weights, names, config, scheme, checkpoint_dir)
@@ -235,7 +276,7 @@ def convert_hf_checkpoint(
 
 def _layers_in_headers(weights: "WeightFiles", scheme: str, checkpoint_dir: Path) -> int:
     """How many blocks the weights hold, from their names: 0, 1, ... n - 1 each with its attention projection."""
-    template = WEIGHT_NAMES[3][1 + SCHEMES.index(scheme)]  # the attention's output projection: one per block only
+    template = _ATTN_PROJ[1 + SCHEMES.index(scheme)]  # the attention's output projection: one per block only
     before, after = re.split(r"\{[ij]\}", template)
     pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after.format(wb="weight")))
     offset = 1 if "{j}" in template else 0
@@ -253,7 +294,7 @@ def _check_sizes_in_headers(weights: "WeightFiles", config: Config, scheme: str,
     """The config's depth, width and vocabulary against the weights' headers, before anything sized by the config
     is built: a config.json of 10**9 layers would otherwise have a name map built for all of them."""
     found = {"n_layer": _layers_in_headers(weights, scheme, checkpoint_dir)}
-    embedding = weights.shapes.get(WEIGHT_NAMES[0][1 + SCHEMES.index(scheme)])
+    embedding = weights.shapes.get(_EMBEDDING[1 + SCHEMES.index(scheme)])
     if embedding is not None and len(embedding) == 2:
         found.update(n_embd=embedding[1], padded_vocab_size=embedding[0])
     wrong = "; ".join(f"{key} {value}, not {getattr(config, key)}" for key, value in found.items()
@@ -281,7 +322,11 @@ def _check_names_and_shapes(weights: "WeightFiles", names: dict, config: Config,
     if missing:
         raise UserError(f"tensor {missing[0]} is missing from the checkpoint in {checkpoint_dir} "
                         f"(expected for {config.n_layer} layers, scheme {scheme})")
-    unexpected = sorted(n for n in set(weights.where).difference(wanted) if not n.endswith(IGNORED_SUFFIXES))
+    # tied embeddings: transformers ties the head to the embedding whatever the files hold under the head's name
+    tied = _HEAD[1 + SCHEMES.index(scheme)].format(last=config.n_layer + 1, wb="weight")
+    tied = tied if config.tie_embeddings else None
+    unexpected = sorted(n for n in set(weights.where).difference(wanted) if not n.endswith(IGNORED_SUFFIXES)
+                        and n != tied)
     if unexpected:
         raise UserError(f"unexpected tensor {unexpected[0]} in the checkpoint in {checkpoint_dir} "
                         f"({len(unexpected)} in all); it does not match the config")
@@ -322,7 +367,8 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
                                             "overwrite its config.json; choose another directory")
     config = Config.from_json(checkpoint_dir / LIT_CONFIG)
     state_dict = load_lit_state_dict(checkpoint_dir, config)
-    bos_id = eos_id = 50256  # Phi's <|endoftext|>, unless the checkpoint's tokenizer says otherwise
+    # Phi-1/1.5/2's <|endoftext|>, unless the checkpoint's tokenizer says otherwise (the later family's differ)
+    bos_id = eos_id = 50256 if config.parallel_residual else None
     if (checkpoint_dir / "tokenizer.json").is_file():
         from lit_gpt.tokenizer import Tokenizer
 
@@ -339,13 +385,10 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path) -> Path:
 
 def save_hf_checkpoint(state_dict: dict[str, torch.Tensor], config: Config, output_dir: Path,
                        bos_id: Optional[int] = 50256, eos_id: Optional[int] = 50256) -> None:
-    """model.safetensors and config.json of a lit state dict, in transformers' current Phi format."""
+    """model.safetensors and config.json of a lit state dict, in transformers' current format of its block."""
     hf_state_dict = {}
-    for lit_name, targets in name_map(config, "phi").items():
-        tensor = state_dict[lit_name]
-        parts = lit_to_qkv(tensor, config) if len(targets) == 3 else (tensor,)
-        for target, part in zip(targets, parts):
-            hf_state_dict[target] = part.contiguous()
+    for lit_name, targets in name_map(config, hf_scheme(config)).items():
+        hf_state_dict.update(hf_tensors(lit_name, state_dict[lit_name], targets, config))
     with atomic_path(Path(output_dir) / "model.safetensors") as tmp:
         save_safetensors(hf_state_dict, tmp)
     dtype = next(iter(state_dict.values())).dtype
@@ -375,7 +418,9 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 50256,
                    eos_id: Optional[int] = 50256) -> dict:
-    """config.json for transformers' PhiForCausalLM (the current format)."""
+    """config.json for transformers' PhiForCausalLM or (the sequential block) Phi3ForCausalLM, as the Hub has them."""
+    if not config.parallel_residual:
+        return _phi3_config_dict(config, dtype, bos_id, eos_id)
     return {
         "architectures": ["PhiForCausalLM"],
         "model_type": "phi",
@@ -391,10 +436,42 @@ def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 5
         "layer_norm_eps": config.norm_eps,
         "hidden_act": "gelu_new",
         "qk_layernorm": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
+def _phi3_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int], eos_id: Optional[int]) -> dict:
+    rope_scaling = None
+    if config.longrope:
+        rope_scaling = {"type": "longrope", "short_factor": config.rope_short_factor,
+                        "long_factor": config.rope_long_factor}
+        if config.rope_attention_factor is not None:
+            rope_scaling["attention_factor"] = config.rope_attention_factor
+    head_dim = {} if config.head_size == config.n_embd // config.n_head else {"head_dim": config.head_size}
+    return {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "vocab_size": config.padded_vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        **head_dim,
+        "max_position_embeddings": config.block_size,
+        "original_max_position_embeddings": config.rope_original_max_seq_len or config.block_size,
+        "partial_rotary_factor": config.rotary_percentage,
+        "rope_theta": float(config.rope_base),
+        "rope_scaling": rope_scaling,
+        "sliding_window": config.sliding_window,
+        "rms_norm_eps": config.norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": eos_id,  # as the Hub's have it (Phi3Config's default, 32000, may lie outside the vocabulary)
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }

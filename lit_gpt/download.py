@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import unquote, urlsplit
 
-from lit_gpt.config import PHI_MODEL_TYPES
+from lit_gpt.config import PHI_MODEL_TYPES, configs
 from lit_gpt.files import CONFIG_FILES, HF_CONFIG, TOKENIZER_FILES, WEIGHT_KINDS, is_weight_file
 from lit_gpt.transfer import (DISK_FULL, RemoteFile, State, bytes_missing, check_free_space, fetch, fmt_bytes,
                               holds_data, lock)
 from lit_gpt.utils import InvalidArgument, UserError, first_line
 
-SUPPORTED_REPO_IDS = ("microsoft/phi-1", "microsoft/phi-1_5", "microsoft/phi-2")
+# the named configs' repos (fine-tunes and mirrors download too: their config.json decides)
+SUPPORTED_REPO_IDS = tuple(f"{c['hf_config']['org']}/{c['hf_config']['name']}" for c in configs)
 API_TIMEOUT = 30.0  # seconds; HF_HUB_ETAG_TIMEOUT overrides it, as it does huggingface_hub's metadata timeout
 TOKEN_SOURCES = " or set HF_TOKEN (or log in with `hf auth login`)"
 

@@ -9,8 +9,9 @@ LIT_CONFIG = "lit_config.json"
 HF_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 CONFIG_FILES = (HF_CONFIG, GENERATION_CONFIG)
+# (chat_template.jinja: where newer transformers save the chat template, instead of tokenizer_config.json)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "chat_template.jinja")
 WEIGHT_KINDS = {  # kind -> (file suffix, index file)
     "safetensors": (".safetensors", "model.safetensors.index.json"),
     "bin": (".bin", "pytorch_model.bin.index.json"),

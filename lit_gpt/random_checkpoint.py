@@ -6,11 +6,14 @@ from typing import Optional
 
 import torch
 
-from lit_gpt.convert import hf_config_dict, lit_to_qkv, name_map, save_safetensors
+from lit_gpt.convert import hf_config_dict, hf_scheme, hf_tensors, name_map, save_safetensors
 from lit_gpt.load import expected_shapes
 from lit_gpt.config import Config
-from lit_gpt.tokenizer import GPT2_BPE_DIR, write_phi_tokenizer
+from lit_gpt.tokenizer import EOT, GPT2_BPE_DIR, write_phi_tokenizer
 from lit_gpt.utils import atomic_path
+
+PHI_TOKENIZER_SIZE = 50295  # Phi-1/1.5/2's tokenizer: GPT-2's 50257 tokens and 38 runs of spaces and tabs
+PHI_EOS = 50256  # its <|endoftext|>
 
 
 def write_random_hf_checkpoint(
@@ -24,9 +27,10 @@ def write_random_hf_checkpoint(
 ) -> Path:
     """Write config.json, generation_config.json, tokenizer files and `shards` safetensors shards + index.
 
-    Weights are N(0, 0.02) (LayerNorms at 1 and 0), so activations stay in a sane range and the
-    kernels do the same work as on the real weights. Shards are written one at a time.
-    `config` replaces the named config (for tests).
+    Weights are N(0, 0.02) (norms at 1 and 0), so activations stay in a sane range and the kernels do the same
+    work as on the real weights. Shards are written one at a time. `config` replaces the named config (for tests).
+    The tokenizer is Phi-1/1.5/2's where the vocabulary holds it, else GPT-2's cut to the vocabulary (see
+    `write_small_bpe_tokenizer`): random weights need a tokenizer whose ids fit, not the model's own.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -36,20 +40,18 @@ def write_random_hf_checkpoint(
 
     def random_tensor(name: str) -> torch.Tensor:
         shape = shapes[name]
-        if ".norm_1." in name or "ln_f" in name:
+        if ".norm_" in name or "ln_f" in name:
             return (torch.ones if name.endswith("weight") else torch.zeros)(shape, dtype=dtype)
         return (torch.randn(shape, generator=generator) * 0.02).to(dtype)
 
-    names = list(name_map(config, "phi").items())  # lit name -> its HF name(s), in file order
+    names = list(name_map(config, hf_scheme(config)).items())  # lit name -> its HF name(s), in file order
     per_shard = -(-len(names) // shards)
     weight_map, total = {}, 0
     for k in range(shards):
         fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
         part: dict[str, torch.Tensor] = {}
         for lit_name, hf_names in names[k * per_shard:(k + 1) * per_shard]:
-            tensor = random_tensor(lit_name)
-            parts = lit_to_qkv(tensor, config) if len(hf_names) == 3 else (tensor,)
-            part.update({n: t.contiguous() for n, t in zip(hf_names, parts)})
+            part.update(hf_tensors(lit_name, random_tensor(lit_name), hf_names, config))
         with atomic_path(out_dir / fname) as tmp:
             save_safetensors(part, tmp)
         weight_map.update({n: fname for n in part})
@@ -58,9 +60,37 @@ def write_random_hf_checkpoint(
     if shards > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    hf_config = hf_config_dict(config, dtype)
+    if config.padded_vocab_size >= PHI_TOKENIZER_SIZE:
+        write_phi_tokenizer(out_dir, gpt2_dir or GPT2_BPE_DIR)
+        eos = PHI_EOS
+    else:
+        eos = write_small_bpe_tokenizer(out_dir, config.padded_vocab_size, gpt2_dir or GPT2_BPE_DIR)
+    hf_config = hf_config_dict(config, dtype, eos, eos)
     hf_config["_name_or_path"] = f"microsoft/{config.name}"
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
-    write_phi_tokenizer(out_dir, gpt2_dir or GPT2_BPE_DIR)
+    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}))
     return out_dir
+
+
+def write_small_bpe_tokenizer(out_dir: Path, size: int, gpt2_dir: Path = GPT2_BPE_DIR) -> int:
+    """tokenizer.json and tokenizer_config.json of GPT-2's byte-level BPE cut to `size` ids: the tokens with ids
+    below size - 1, the merges among them, and <|endoftext|> (bos and eos) as id size - 1. Returns that id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    gpt2_dir = Path(gpt2_dir)
+    vocab = {token: i for token, i in json.loads((gpt2_dir / "encoder.json").read_text(encoding="utf-8")).items()
+             if i < size - 1}
+    lines = (gpt2_dir / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    merges = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
+    vocab[EOT] = size - 1
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    out_dir = Path(out_dir)
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
+              "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return size - 1
