@@ -1,4 +1,5 @@
-"""Random-weight Phi checkpoints in the Hugging Face file layout, built with transformers itself.
+"""Random-weight Phi checkpoints in the Hugging Face file layout, built with transformers itself (PhiForCausalLM,
+and Phi3ForCausalLM for the later family).
 
 The renames to the two older schemes are written here by hand from the published module names,
 independently of lit_gpt's table, so a mistake in that table cannot hide itself in the tests.
@@ -26,6 +27,39 @@ def tiny_hf_config(n_embd: int = 64, n_head: int = 4, n_layer: int = 2, rotary: 
     )
 
 
+def tiny_phi3_config(n_embd: int = 64, n_head: int = 4, n_kv_heads: Optional[int] = None, n_layer: int = 2,
+                     rotary: float = 1.0, vocab_size: int = 256, block_size: int = 64, intermediate_size: int = 96,
+                     tied: bool = False, sliding_window: Optional[int] = None, longrope: Optional[int] = None,
+                     rope_theta: float = 10000.0):
+    """A Phi3Config; longrope=N: longrope with original_max_position_embeddings N and factors unlike each other,
+    so that every one of them and the switch between the sets show in the logits."""
+    from transformers import Phi3Config
+
+    half = int(n_embd // n_head * rotary) // 2
+    rope = None
+    if longrope is not None:
+        rope = {"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(half)],
+                "long_factor": [1.0 + 0.7 * i for i in range(half)]}
+    return Phi3Config(
+        vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=intermediate_size, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=n_kv_heads or n_head, max_position_embeddings=block_size,
+        original_max_position_embeddings=longrope or block_size, partial_rotary_factor=rotary, rope_theta=rope_theta,
+        rope_scaling=rope, sliding_window=sliding_window, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2,
+    )
+
+
+def hub_phi3_config_json(config) -> dict:
+    """A Phi3Config as the Hub's config.json files have it (transformers 4.x keys): rope_theta,
+    partial_rotary_factor and rope_scaling ("type": "longrope") at the top level, no rope_parameters."""
+    rope = dict(config.rope_parameters)
+    data = {k: v for k, v in config.to_dict().items() if k != "rope_parameters"}
+    data.update(rope_theta=rope["rope_theta"], partial_rotary_factor=rope.get("partial_rotary_factor", 1.0),
+                rope_scaling=None if rope["rope_type"] == "default" else
+                {"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]})
+    return data
+
+
 def edit_config_json(d: Path, **changes) -> None:
     """Change keys of the config.json in `d` (a value of None removes the key)."""
     path = Path(d) / "config.json"
@@ -35,14 +69,15 @@ def edit_config_json(d: Path, **changes) -> None:
 
 
 def random_hf_model(config, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A PhiForCausalLM whose every parameter (norms and biases too) is random, so all of them matter."""
-    from transformers import PhiForCausalLM
+    """A PhiForCausalLM (Phi3ForCausalLM for a Phi3Config) whose every parameter (norms and biases too) is random,
+    so all of them matter."""
+    from transformers import Phi3ForCausalLM, PhiForCausalLM
 
     torch.manual_seed(seed)
-    model = PhiForCausalLM(config).eval()
+    model = (Phi3ForCausalLM if config.model_type == "phi3" else PhiForCausalLM)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "layernorm" in name and name.endswith("weight"):
+            if ("layernorm" in name or name == "model.norm.weight") and name.endswith("weight"):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.02 if name.endswith("weight") and p.dim() == 2 else 0.1)
@@ -67,9 +102,12 @@ def _to_mixformer(name: str, n_layer: int) -> str:
 
 
 def hf_state_dict(model, scheme: str) -> dict[str, torch.Tensor]:
-    """The model's weights named as in `scheme`; the old schemes hold q, k, v in one Wqkv."""
+    """The model's weights named as in `scheme` ("phi" is transformers' own names, "phi3" too); the old schemes hold
+    q, k, v in one Wqkv. Tied embeddings are saved once, as save_pretrained saves them."""
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    if scheme == "phi":
+    if model.config.tie_word_embeddings:
+        del sd["lm_head.weight"]
+    if scheme in ("phi", "phi3"):
         return sd
     n_layer = model.config.num_hidden_layers
     out = {}
@@ -91,7 +129,7 @@ def hf_state_dict(model, scheme: str) -> dict[str, torch.Tensor]:
 
 
 def hf_config_json(config, scheme: str) -> dict:
-    if scheme == "phi":
+    if scheme in ("phi", "phi3"):
         return config.to_dict()
     old = dict(
         n_embd=config.hidden_size, n_head=config.num_attention_heads, n_layer=config.num_hidden_layers,
@@ -150,7 +188,8 @@ def make_hf_checkpoint(
     for fmt in formats:
         save_weights(sd, out_dir, fmt, shards)
     (out_dir / "config.json").write_text(json.dumps(hf_config_json(config, scheme), indent=2, default=str))
-    (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 50256, "eos_token_id": 50256}))
+    special = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    (out_dir / "generation_config.json").write_text(json.dumps(special))
     if tokenizer:
         from lit_gpt.tokenizer import write_phi_tokenizer
 
