@@ -114,7 +114,12 @@ def cached_gguf(checkpoint_dir: Path, gguf_type: GgufType, show_progress: bool =
 
 
 def _check_llama_cpp_shape(config: Config, checkpoint_dir: Path) -> None:
-    """llama.cpp's phi2 sizes the attention by n_embd: its heads must split n_embd exactly."""
+    """The export writes llama.cpp's phi2: Phi-1/1.5/2's block, with heads that split n_embd exactly (phi2 sizes the
+    attention by n_embd)."""
+    if not getattr(config, "parallel_residual", True):  # the Phi-3 family's sequential block (where Config has it)
+        raise UserError(f"{checkpoint_dir / LIT_CONFIG} describes a Phi-3/phi-4 block; the GGUF export writes "
+                        "Phi-1/1.5/2 (llama.cpp's phi2): for the later family use llama.cpp's convert_hf_to_gguf.py "
+                        "on the Hugging Face files")
     if config.n_head * config.head_size != config.n_embd:
         raise UserError(f"{checkpoint_dir / LIT_CONFIG} has {config.n_head} heads of {config.head_size} dims, which is "
                         f"not n_embd {config.n_embd}; llama.cpp's phi2 architecture needs n_head x head_size = n_embd")
