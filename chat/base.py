@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt.cli import GenerationOptions, clean_text, load_for_inference, open_checkpoint, run_cli, unescape
 from lit_gpt.generate import ChatSession, compile_decode, make_generator
-from lit_gpt.prompts import StyleName, style_for_checkpoint
+from lit_gpt.prompts import ChatTemplate, StyleName, style_for_checkpoint
 from lit_gpt.utils import InvalidArgument, UserError
 
 RESET = "/reset"
@@ -20,6 +20,7 @@ def main(
     max_new_tokens: int = 512,
     seed: Optional[int] = None,
     prompt_style: Optional[StyleName] = None,
+    system: Optional[str] = None,
     escapes: bool = True,
     options: GenerationOptions = GenerationOptions(),
 ) -> None:
@@ -36,7 +37,10 @@ def main(
         max_new_tokens: Most tokens per reply (also bounded by the room left in the context).
         seed: Seed of the sampling generator; a fixed seed reproduces a conversation (null: random).
         prompt_style: phi-2 ("Instruct: ...\\nOutput:"), phi-2-chat ("Alice: ...\\nBob:"), phi-1_5, phi-1
-            ("...\\n\\nAnswer:") or raw (default: from the checkpoint's model name, raw if unknown).
+            ("...\\n\\nAnswer:"), the chat templates of phi-3 (Phi-3 and Phi-3.5), phi-4-mini and phi-4, or raw
+            (default: the checkpoint's own chat template, else the style of its model's name, raw if unknown).
+        system: A system prompt for the whole conversation (the template's system message; for phi-2 and the
+            other styles, text before the first turn). Escapes are interpreted as in prompts.
         escapes: Interpret \\n, \\t and \\\\ typed in a prompt as a newline, a tab and a backslash.
     """
     if max_new_tokens < 1:
@@ -46,12 +50,14 @@ def main(
     sys.stdin.reconfigure(errors="replace")  # a prompt that is not valid UTF-8 keeps the conversation going
     device, precision, dtype, tokenizer, _ = open_checkpoint(checkpoint_dir, options)
     style = style_for_checkpoint(checkpoint_dir, prompt_style)
+    if system is not None:
+        system = clean_text(unescape(system) if escapes else system)
     model = load_for_inference(checkpoint_dir, options, device, precision, dtype)
     model.set_kv_cache(1)
     err = sys.stderr
-    print(f"Prompt style {style.name}", file=err)
+    print(f"Chat template: {style.name}" if isinstance(style, ChatTemplate) else f"Prompt style {style.name}", file=err)
     session = ChatSession(
-        model, tokenizer, style, max_new_tokens=max_new_tokens, generator=make_generator(device, seed),
+        model, tokenizer, style, system=system, max_new_tokens=max_new_tokens, generator=make_generator(device, seed),
         decode_forward=compile_decode(model) if options.compile else None, **options.sampling(),
     )
     print(f"Empty prompt or Ctrl-D: exit. Ctrl-C: stop a reply. {RESET}: new conversation.", file=err, flush=True)

@@ -3,7 +3,7 @@
 Layers, bottom up (each is usable on its own):
 - `sample`: one token per row of logits (greedy, temperature, top-k, top-p).
 - `generate_tokens`: the loop. Prefill the prompt once, then one forward of one token per step. Yields ids.
-- `Completion`: one sample's text as it streams, with eos and stop sequences cut and never released.
+- `Completion`: one sample's text as it streams, with eos, stop tokens and stop sequences cut and never released.
 - `stream` / `generate`: the loop plus a `Completion` per sample (several samples = one batch).
 - `ChatSession`: a conversation kept in the KV cache; each turn prefills only its own tokens.
 Plus the seeded generator and the compiled decode step.
@@ -12,17 +12,19 @@ Stop sequences are matched on text, not on token ids: the model can spell "Instr
 token splits ("Inst"+"ruct"+":", " Instruct"+":", "\\nInstruct"...), and the split the tokenizer would
 produce for the stop string is only one of them, so id matching misses stops. Text matching sees them all;
 its cost is holding back text that could still become a stop sequence (at most the longest stop's length).
+A stop sequence that is a special token of the tokenizer ("<|end|>", "<|im_end|>") also stops as an id, as does
+every eos id of generation_config.json.
 """
 
 import sys
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterator, Optional, Sequence, Union
 
 import torch
 
 from lit_gpt import gemv
 from lit_gpt.model import GPT
-from lit_gpt.prompts import PromptStyle
+from lit_gpt.prompts import ChatTemplate, Style
 from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import InvalidArgument, UserError
 
@@ -152,12 +154,14 @@ class Completion:
     tokenizer's stream decoder, so a character split over several tokens (emoji, CJK) comes out whole.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_sequences: Sequence[str] = (), eos_id: Optional[int] = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_sequences: Sequence[str] = (),
+                 eos_id: Union[None, int, Collection[int]] = None, stop_ids: Collection[int] = ()) -> None:
         self.ids: list[int] = []  # every id sampled for this sample (an eos or a stop sequence's ids included)
         self.text = ""  # text released so far; never contains a stop sequence
         self.delta = ""  # text released by the latest add() / finish()
         self.finish_reason: Optional[str] = None  # "eos", "stop", "length"; None while running
-        self.eos_id = eos_id
+        self.eos_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())  # finish as "eos"
+        self.stop_ids = set(stop_ids) - self.eos_ids  # end-of-turn tokens: finish as "stop"
         self._decoder = tokenizer.stream_decoder()
         self._pending = ""  # decoded text not released yet
         self._stops = tuple(s for s in stop_sequences if s)
@@ -170,9 +174,9 @@ class Completion:
             self.delta = ""
             return ""
         self.ids.append(token_id)
-        if token_id == self.eos_id:
+        if token_id in self.eos_ids or token_id in self.stop_ids:  # the token itself is never decoded
             self._pending += self._decoder.flush()
-            return self._release("eos")
+            return self._release("eos" if token_id in self.eos_ids else "stop")
         self._pending += self._decoder.add(token_id)
         return self._release(None)
 
@@ -227,13 +231,15 @@ def stream(
     Each yield is the same list of `Completion`s, one per sample; `c.delta` is the text sample c released
     in that step. Samples stop on their own (eos, a stop sequence); the batch runs until all have stopped
     or `max_returned_tokens` (prompt + new tokens) is reached, then the last yield holds any final text.
+    Every eos id of the tokenizer (generation_config.json's list) ends a sample, unless `ignore_eos`.
     """
     if prompt.dim() != 1:
         raise ValueError("stream() takes one 1-D prompt; num_samples makes the batch")
     if num_samples < 1:
         raise InvalidArgument("num_samples", f"must be >= 1, got {num_samples}")
-    eos_id = None if ignore_eos else tokenizer.eos_id
-    completions = [Completion(tokenizer, stop_sequences, eos_id) for _ in range(num_samples)]
+    eos_ids = () if ignore_eos else tokenizer.eos_ids
+    stop_ids = tokenizer.special_ids(stop_sequences)  # "<|end|>" as text and as its id
+    completions = [Completion(tokenizer, stop_sequences, eos_ids, stop_ids) for _ in range(num_samples)]
     batch = prompt.unsqueeze(0).expand(num_samples, -1)
     for tokens in generate_tokens(model, batch, max_returned_tokens, start_pos=start_pos, temperature=temperature,
                                   top_k=top_k, top_p=top_p, generator=generator, decode_forward=decode_forward):
@@ -265,21 +271,29 @@ class ChatSession:
     """A multi-turn conversation held in the model's KV cache (batch 1).
 
     `self.ids` is the conversation as tokens (every turn's framed prompt and reply); the first `self.cached`
-    of them have their keys/values in the cache. A new turn prefills only ids[cached:], that is its own
-    tokens plus the last reply token (sampled, but not fed yet). Positions beyond `cached` may hold stale
-    entries (a cut stop sequence, an interrupted forward); they are never attended to and get overwritten.
+    of them have their keys/values in the cache. A new turn prefills only ids[cached:]. Positions beyond `cached`
+    may hold stale entries (a cut stop sequence, an interrupted forward); they are never attended to and get
+    overwritten.
 
-    A reply that is interrupted (KeyboardInterrupt, or the caller closing the generator) keeps what was
-    released so far in the history, as the user saw it. When the context fills up, the oldest turns are
-    dropped and what remains is encoded and prefilled again.
+    With a `PromptStyle` a turn's ids are its own framed prompt, appended to the history: it prefills those and the
+    last reply token (sampled, but not fed yet). With a `ChatTemplate` the whole conversation is rendered again
+    (as transformers would, with the generation prompt) and tokenized: what the cache holds is kept as far as the
+    new ids continue it, and only the rest is prefilled; that is the new turn (and the reply's end-of-turn token)
+    when the template renders earlier turns as they were, more from the first difference on otherwise.
+
+    `system` is a system prompt: the template's system message, or the text before the first turn of a style. A
+    reply that is interrupted (KeyboardInterrupt, or the caller closing the generator) keeps what was released so
+    far in the history, as the user saw it. When the context fills up, the oldest turns are dropped (the system
+    prompt stays) and what remains is encoded and prefilled again.
     """
 
     def __init__(
         self,
         model: GPT,
         tokenizer: Tokenizer,
-        style: PromptStyle,
+        style: Style,
         *,
+        system: Optional[str] = None,
         max_new_tokens: int = 512,
         temperature: float = 0.8,
         top_k: Optional[int] = 200,
@@ -291,7 +305,7 @@ class ChatSession:
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens", f"must be >= 1, got {max_new_tokens}")
-        self.model, self.tokenizer, self.style = model, tokenizer, style
+        self.model, self.tokenizer, self.style, self.system = model, tokenizer, style, system or None
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                              decode_forward=decode_forward)
         self.max_new_tokens = max_new_tokens
@@ -301,6 +315,9 @@ class ChatSession:
         self.context = min(model.max_seq_length, model.config.block_size)
         self.device = model.lm_head.weight.device
         self.stats = {"tokens": 0, "prefill_tokens": 0, "seconds": 0.0, "first_token_seconds": 0.0}
+        if self.system and isinstance(style, ChatTemplate) and style.conversation([("?", None)], self.system) == \
+                style.conversation([("?", None)]):
+            self.notify(f"[the chat template ({style.name}) has no place for a system prompt: it is left out]")
         self.reset()
 
     def reset(self) -> None:
@@ -318,26 +335,11 @@ class ChatSession:
 
         Raises UserError (before anything changes) if the prompt alone does not fit the context.
         """
-        alone = self._encode(self.style.apply(prompt))
+        alone = self._encode(self.style.conversation([(prompt, None)], self.system))
         if len(alone) >= self.context:
             raise UserError(f"the prompt is {len(alone)} tokens but the context holds {self.context} tokens "
                             "including the reply; shorten it")
-        turn = self._encode(self.style.next_turn(prompt)) if self.turns else alone
-        # leave the reply room for max_new_tokens, or half the context, by dropping the oldest turns
-        want = min(self.max_new_tokens, self.context // 2)
-        dropped = 0
-        while self.turns and len(self.ids) + len(turn) + want > self.context:
-            self.turns.pop(0)
-            dropped += 1
-            self.ids = self._encode(self.style.conversation(self.turns))
-            self.cached = 0
-            turn = self._encode(self.style.next_turn(prompt)) if self.turns else alone
-        if dropped:
-            self.notify(f"[context full: dropped the oldest {dropped} turn(s); "
-                        f"re-encoding the {len(self.turns)} left]")
-
-        start = self.cached
-        self.ids += turn
+        start = self._rerender(prompt) if isinstance(self.style, ChatTemplate) else self._append_turn(prompt, alone)
         self.reply_start = len(self.ids)  # where this turn's reply begins in self.ids
         feed = torch.tensor(self.ids[start:], dtype=torch.int64, device=self.device)
         budget = min(self.max_new_tokens, self.context - len(self.ids))
@@ -355,6 +357,48 @@ class ChatSession:
             self.stats.update(tokens=len(completion.ids) if completion else 0, prefill_tokens=len(feed),
                               seconds=time.perf_counter() - t0)
             self._commit(prompt, completion, start, len(feed))
+
+    def _want(self) -> int:
+        """Room a reply gets before older turns are dropped: max_new_tokens, or half the context."""
+        return min(self.max_new_tokens, self.context // 2)
+
+    def _append_turn(self, prompt: str, alone: list[int]) -> int:
+        """A style's turn: its framed prompt joins the history. Returns the position the prefill starts at."""
+        assert not isinstance(self.style, ChatTemplate)
+        turn = self._encode(self.style.next_turn(prompt)) if self.turns else alone
+        dropped = 0
+        while self.turns and len(self.ids) + len(turn) + self._want() > self.context:
+            self.turns.pop(0)
+            dropped += 1
+            self.ids = self._encode(self.style.conversation(self.turns, self.system)) if self.turns else []
+            self.cached = 0
+            turn = self._encode(self.style.next_turn(prompt)) if self.turns else alone
+        self._dropped(dropped)
+        start = self.cached
+        self.ids += turn
+        return start
+
+    def _rerender(self, prompt: str) -> int:
+        """A template's turn: the conversation rendered again. Returns the position the prefill starts at: where
+        the new ids stop continuing what the cache holds (never past the last id, which starts the reply)."""
+        turns: list[tuple[str, Optional[str]]] = [*self.turns, (prompt, None)]
+        ids = self._encode(self.style.conversation(turns, self.system))
+        while len(turns) > 1 and len(ids) + self._want() > self.context:
+            turns.pop(0)
+            ids = self._encode(self.style.conversation(turns, self.system))
+        self._dropped(len(self.turns) + 1 - len(turns))
+        self.turns = turns[:-1]  # type: ignore[assignment]
+        same = 0
+        for cached, new in zip(self.ids[:self.cached], ids):
+            if cached != new:
+                break
+            same += 1
+        self.ids, self.cached = ids, min(same, len(ids) - 1)
+        return self.cached
+
+    def _dropped(self, n: int) -> None:
+        if n:
+            self.notify(f"[context full: dropped the oldest {n} turn(s); re-encoding the {len(self.turns)} left]")
 
     def _commit(self, prompt: str, completion: Optional[Completion], start: int, fed: int) -> None:
         """Add the finished (or interrupted) reply to the history and work out how much of the cache is valid."""

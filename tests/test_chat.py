@@ -1,5 +1,6 @@
 """Multi-turn chat: turns kept in the KV cache, context overflow, interruption, and chat/base.py end to end."""
 
+import json
 import os
 import re
 import signal
@@ -12,15 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_gpt.convert import convert_hf_checkpoint
 from lit_gpt.load import load_model
-from lit_gpt.generate import ChatSession, generate
-from lit_gpt.prompts import get_style
-from lit_gpt.tokenizer import Tokenizer
+from lit_gpt.generate import ChatSession, generate, generate_tokens
+from lit_gpt.prompts import ChatTemplate, get_style, style_for_checkpoint
+from lit_gpt.tokenizer import GENERATION_IDS, Tokenizer, write_phi3_tokenizer
 from lit_gpt.utils import UserError
-from hf_checkpoints import lively_checkpoint
+from hf_checkpoints import hf_state_dict, lively_checkpoint, save_weights
 
 ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
 BLOCK = 1024
+SYSTEM = "You are a terse assistant."
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -255,3 +259,148 @@ def test_sigint_during_reply_returns_to_the_prompt(ckpt):
     # the interrupted reply stayed in the cache: the next turn prefilled only its own tokens (+ 1)
     prefilled = int(re.search(r"\((\d+) prefilled", stats).group(1))
     assert prefilled <= len(tokenizer.encode(get_style("raw").next_turn("And then?"))) + 1
+
+
+# --- a chat template, with Phi-3's tokenizer: end-of-turn tokens, the system prompt, the cache across turns ---
+
+def end_turn_bias(model, tokenizer: Tokenizer, prompt: list[int], end_id: int) -> tuple[torch.Tensor, int]:
+    """An LM head bias under which greedy decoding of `prompt` emits `end_id` at some step k >= 3 and nothing
+    else changes before it: only that id's logit rises, by just enough. Rows no token uses (the model's
+    padding) are never chosen, as in a trained model. Returns the bias and k."""
+    bias = model.lm_head.bias.detach().clone()
+    bias[tokenizer.vocab_size:] = -1e4
+    logits = []
+    with torch.no_grad():
+        model.lm_head.bias.copy_(bias)
+        handle = model.register_forward_hook(lambda m, args, out: logits.append(out[0, -1].float()))
+        list(generate_tokens(model, torch.tensor(prompt), len(prompt) + 40, temperature=0.0))
+        handle.remove()
+    gaps = [float(x.max() - x[end_id]) for x in logits]  # how far the end token is from being chosen
+    k = next(k for k in range(3, len(gaps)) if gaps[k] < min(gaps[:k]))
+    bias[end_id] += (gaps[k] + min(gaps[:k])) / 2
+    return bias, k
+
+
+@pytest.fixture(scope="module")
+def phi3_ckpt(tmp_path_factory):  # ~5 s: the tests that use it are in the slow tier
+    """A random model (Phi-2's block) with Phi-3.5's tokenizer files, chat template and generation_config.json
+    (stop at <|endoftext|>, <|assistant|>, <|end|>), whose first greedy reply ends with <|end|> after k tokens."""
+    d = tmp_path_factory.mktemp("chat-phi3") / "phi-3-random"
+    hf = lively_checkpoint(d, BLOCK)
+    for name in ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"):
+        (d / name).unlink()
+    template = (DATA / "chat_templates" / "microsoft-Phi-3.5-mini-instruct.jinja").read_text(encoding="utf-8")
+    write_phi3_tokenizer(d, DATA / "llama.cpp" / "ggml-vocab-phi-3.gguf.xz", chat_template=template)
+    (d / "generation_config.json").write_text(json.dumps(GENERATION_IDS["phi-3"]))
+    tokenizer = Tokenizer(d)
+    first = tokenizer.encode(style_for_checkpoint(d).conversation([("Hello there!", None)], SYSTEM)).tolist()
+    bias, k = end_turn_bias(load_model(d), tokenizer, first, tokenizer.token_to_id("<|end|>"))
+    with torch.no_grad():
+        hf.lm_head.bias.copy_(bias)
+    save_weights(hf_state_dict(hf, "phi"), d, "safetensors", 1)
+    convert_hf_checkpoint(d, show_progress=False)
+    return d, tokenizer, k
+
+
+@pytest.mark.slow
+def test_end_of_turn_token_is_never_printed_and_turns_stay_cached(phi3_ckpt):
+    d, tokenizer, k = phi3_ckpt
+    model, fresh = load_model(d), load_model(d)
+    style = style_for_checkpoint(d)
+    assert isinstance(style, ChatTemplate) and style.name == "the checkpoint's own"
+    session = ChatSession(model, tokenizer, style, system=SYSTEM, max_new_tokens=40, temperature=0.0)
+    calls, handle = count_forward(model)
+    chunks = list(session.reply("Hello there!"))
+    end = tokenizer.token_to_id("<|end|>")
+    assert session.stats["tokens"] == k + 1  # k tokens of reply, then <|end|>, which ends it
+    assert session.ids[:session.reply_start] == tokenizer.encode(
+        "<|system|>\n" + SYSTEM + "<|end|>\n<|user|>\nHello there!<|end|>\n<|assistant|>\n").tolist()
+    reply = "".join(chunks)
+    assert "<|end|>" not in reply and all("<|" not in c for c in chunks)
+    assert reply == session.turns[0][1] == expected_reply(fresh, tokenizer, session)
+    for prompt in ("And then?", "Tell me more."):
+        before, cached = list(session.ids), session.cached
+        calls.clear()
+        reply = "".join(session.reply(prompt))
+        (prefill, start), decode = calls[0], calls[1:]
+        # the cache is kept as far as the new rendering continues it, and only the rest is prefilled (the random
+        # model's reply tokens need not be how the tokenizer spells its text, so that may be inside the reply)
+        rendered = session.ids[:session.reply_start]
+        same = next(i for i, (a, b) in enumerate(zip([*before[:cached], None], rendered)) if a != b)
+        assert start == same and prefill == len(rendered) - start
+        assert start >= len(tokenizer.encode(style.conversation([("Hello there!", None)], SYSTEM)))
+        assert all(n == 1 for n, _ in decode)
+        assert "<|end|>" not in reply and reply == expected_reply(fresh, tokenizer, session)
+        assert session.ids[:session.reply_start] == tokenizer.encode(
+            style.conversation([*session.turns[:-1], (prompt, None)], SYSTEM)).tolist()
+    handle.remove()
+    assert end in session.ids  # the finished turns end with <|end|>, as the template renders them
+
+
+@pytest.mark.slow
+def test_template_conversation_drops_the_oldest_turns_but_keeps_the_system_prompt(phi3_ckpt):
+    d, tokenizer, _ = phi3_ckpt
+    model, fresh = load_model(d), load_model(d)
+    model.set_kv_cache(1, max_seq_length=160)
+    fresh.set_kv_cache(1, max_seq_length=160)
+    notices = []
+    session = ChatSession(model, tokenizer, style_for_checkpoint(d), system=SYSTEM, max_new_tokens=30,
+                          temperature=0.0, notify=notices.append)
+    for i in range(5):
+        reply = "".join(session.reply(f"Question number {i}: what comes next in this story?"))
+        assert len(session.ids) <= 160 and "<|" not in reply
+        assert reply == expected_reply(fresh, tokenizer, session)
+        assert session.ids[:session.reply_start] == tokenizer.encode(
+            session.style.conversation([*session.turns[:-1], (session.turns[-1][0], None)], SYSTEM)).tolist()
+    assert any("dropped the oldest" in n for n in notices) and 1 <= len(session.turns) < 5
+    assert tokenizer.decode(session.ids).startswith(f"<|system|> {SYSTEM}<|end|>")
+
+
+@pytest.mark.slow
+def test_a_template_without_a_system_role_says_so(phi3_ckpt):
+    d, tokenizer, _ = phi3_ckpt
+    notices = []
+    no_system = ChatTemplate("user-only", "{% for m in messages if m['role'] != 'system' %}{{ m['content'] }}"
+                                          "{% endfor %}")
+    ChatSession(load_model(d), tokenizer, no_system, system=SYSTEM, notify=notices.append)
+    assert notices == ["[the chat template (user-only) has no place for a system prompt: it is left out]"]
+
+
+@pytest.mark.slow
+def test_chat_script_with_system_prompt_and_template(phi3_ckpt):
+    d, tokenizer, k = phi3_ckpt
+    prompts = ["Hello there!", "And then?"]
+    r = subprocess.run(chat_command(d, "--temperature", "0", "--max_new_tokens", "20", "--precision", "32-true",
+                                    "--system", SYSTEM),
+                       input="\n".join(prompts).encode() + b"\n", capture_output=True, timeout=120, env=ENV)
+    out, err = r.stdout.decode("utf-8"), r.stderr.decode("utf-8")
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert "Chat template: the checkpoint's own" in err
+    session = ChatSession(load_model(d), tokenizer, style_for_checkpoint(d), system=SYSTEM, max_new_tokens=20,
+                          temperature=0.0)
+    replies = ["".join(session.reply(p)).lstrip() for p in prompts]
+    assert out == f">> Prompt: >> Reply: {replies[0]}\n>> Prompt: >> Reply: {replies[1]}\n>> Prompt: \n"
+    assert "<|" not in out
+    assert f"{k + 1} tokens" in err  # the first reply: k tokens and <|end|>
+
+
+def test_template_turns_reuse_the_cache(ckpt, fresh):
+    """phi-4's template over Phi-2's tokenizer (its turn tokens are plain text there, stops matched as text): each
+    turn renders the whole conversation and prefills from where it stops continuing the cache."""
+    d, tokenizer = ckpt
+    model = load_model(d)
+    session = ChatSession(model, tokenizer, get_style("phi-4"), system=SYSTEM, max_new_tokens=24, temperature=0.0)
+    calls, handle = count_forward(model)
+    for i, prompt in enumerate(["Hello there, how are you?", "What is 2+2?", "Tell me more about it."]):
+        before, cached = list(session.ids), session.cached
+        calls.clear()
+        reply = "".join(session.reply(prompt))
+        rendered = session.ids[:session.reply_start]
+        assert rendered == tokenizer.encode(session.style.conversation([*session.turns[:-1], (prompt, None)],
+                                                                       SYSTEM)).tolist()
+        same = next(i for i, (a, b) in enumerate(zip([*before[:cached], None], rendered)) if a != b)
+        assert calls[0] == (len(rendered) - same, same)
+        if i:
+            assert same > len(before) // 2  # most of the conversation stayed in the cache
+        assert "<|im" not in reply and reply == expected_reply(fresh, tokenizer, session)
+    handle.remove()

@@ -240,6 +240,24 @@ def test_stop_sequence_split_across_tokens_is_never_released(ckpt):
     assert "".join(deltas) == "bye" and c.finish_reason == "eos" and c.ids[-1] == EOS
 
 
+def test_every_eos_id_and_stop_token_ends_a_sample(ckpt, tmp_path):
+    d, _, model, tokenizer = ckpt
+    dot = tokenizer.encode(".").item()
+    deltas, c = feed(tokenizer, "bye", eos=[EOS, dot], extra=[dot, 1000])
+    assert "".join(deltas) == "bye" and c.finish_reason == "eos" and c.ids[-1] == dot
+    deltas, c = feed(tokenizer, "bye. more", eos=EOS)
+    assert "".join(deltas) == "bye. more"
+    c = Completion(tokenizer, (), EOS, stop_ids=[dot])  # an end-of-turn token: "stop", and never printed
+    assert [c.add(i) for i in tokenizer.encode("bye. more").tolist()] == ["bye", "", ""] and c.finish_reason == "stop"
+    # stream() stops at every eos id the checkpoint's generation_config.json lists
+    prompt = tokenizer.encode("Once upon a time")
+    [greedy] = generate(model, tokenizer, prompt, len(prompt) + 3, temperature=0.0, ignore_eos=True)
+    (tmp_path / "tokenizer.json").write_bytes((d / "tokenizer.json").read_bytes())
+    (tmp_path / "generation_config.json").write_text(f'{{"eos_token_id": [{EOS}, {greedy.ids[1]}]}}')
+    [c] = generate(model, Tokenizer(tmp_path), prompt, len(prompt) + 10, temperature=0.0)
+    assert c.ids == greedy.ids[:2] and c.finish_reason == "eos" and c.text == tokenizer.decode(greedy.ids[:1])
+
+
 def test_emoji_and_cjk_stream_intact(ckpt):
     *_, tokenizer = ckpt
     text = "日本語のテキスト 😀🎉 ok"
@@ -315,7 +333,12 @@ def test_prompt_styles(ckpt, tmp_path):
         assert style_for_checkpoint(tmp_path).name == expected
     (tmp_path / "lit_config.json").write_text('{"name": "x", "hf_config": {"org": "microsoft", "name": "phi-1_5"}}')
     assert style_for_checkpoint(tmp_path).name == "phi-1_5"
-    with pytest.raises(UserError, match="prompt_style must be one of raw, phi-2, phi-2-chat, phi-1_5, phi-1, got 'llama'"):
+    for name, expected in (("Phi-3-mini-4k-instruct", "phi-3"), ("Phi-3.5-mini-instruct", "phi-3"),
+                           ("Phi-4-mini-instruct", "phi-4-mini"), ("phi-4", "phi-4"), ("Phi-4-reasoning", "phi-4")):
+        (tmp_path / "lit_config.json").write_text(f'{{"name": "x", "hf_config": {{"name": "{name}"}}}}')
+        assert style_for_checkpoint(tmp_path).name == expected
+    with pytest.raises(UserError, match="prompt_style must be one of raw, phi-2, phi-2-chat, phi-1_5, phi-1, phi-3, "
+                                        "phi-4-mini, phi-4, got 'llama'"):
         get_style("llama")
     style = get_style("phi-2")
     assert style.conversation([("a", " A.\n"), ("b", None)]) == "Instruct: a\nOutput: A.\nInstruct: b\nOutput:"
