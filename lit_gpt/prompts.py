@@ -73,7 +73,12 @@ class ChatTemplate:
     special_tokens: tuple[tuple[str, str], ...] = ()  # (("bos_token", "<s>"), ("eos_token", "<|endoftext|>"), ...)
 
     def __post_init__(self) -> None:
-        _compile(self.source)  # a template that does not compile is refused when chosen, not at the first turn
+        import jinja2
+
+        try:  # a template that does not compile is refused when it is chosen, not at the first turn
+            _compile(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise UserError(f"the chat template ({self.name}) does not compile: {first_line(e)} (line {e.lineno})")
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -134,10 +139,7 @@ def _compile(source: str):
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
         x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise UserError(f"the chat template does not compile: {first_line(e)}")
+    return env.from_string(source)
 
 
 # Markers phi-2 and phi-1_5 use to open a turn in their training data and in the model cards' formats.

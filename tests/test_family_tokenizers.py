@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import lzma
+import random
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,12 @@ def test_phi3_stream_decoding_is_exact(phi3):
     for ids in ([byte[0xF0], byte[0x9F]], [byte[0xE4], byte[0xB8], byte[0x96], byte[0xFF], 15043],
                 [byte[0xE4], 32050, byte[0xB8], byte[0x96], 32007, byte[0xFF]], [29871, 29871, 15043], [32050]):
         assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids), ids
+    # any ids at all, as a random model samples them: pieces, byte pieces, chat tokens, padding rows
+    rng = random.Random(0)
+    pool = [*range(3, 259), *rng.sample(range(259, 32000), 300), *range(32000, 32064), 29871, 259, 13]
+    for _ in range(500):
+        ids = rng.choices(pool, k=rng.randint(1, 12))
+        assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids), ids
     decoder = tokenizer.stream_decoder()
     assert [decoder.add(i) for i in (259, 15043)] + [decoder.flush()] == [" ", " Hello", ""]  # "▁▁" loses one space
     assert [decoder.add(i) for i in (259, 15043)] == [" ", " Hello"]  # flush started a new text
@@ -202,6 +209,13 @@ def test_tiktoken_families_ids(tiktoken_family):
         assert (tokenizer.bos_id, tokenizer.eos_ids) == (199999, (200020, 199999))
         assert tokenizer.decode([199998, 200005, 12194]) == "Hi"  # unused ids decode to nothing
         assert "".join(stream(tokenizer, [199998, 12194, 200005])) == "Hi"
+    # any ids at all, as a random model samples them: byte tokens, words, added and unused ids, padding rows
+    rng = random.Random(0)
+    pool = [*range(256), *rng.sample(range(256, 100000), 300), *range(tokenizer.vocab_size - 100,
+                                                                      tokenizer.vocab_size + 35)]
+    for _ in range(300):
+        ids = rng.choices(pool, k=rng.randint(1, 12))
+        assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids), ids
 
 
 def test_tiktoken_source_errors(tmp_path):
@@ -212,3 +226,37 @@ def test_tiktoken_source_errors(tmp_path):
     (tmp_path / "bad.js").write_text('export default {"pat_str": "x", "bpe_ranks": "! 0 !!notbase64"};')
     with pytest.raises(UserError, match="not a js-tiktoken ranks file"):
         read_tiktoken_ranks(tmp_path / "bad.js")
+
+
+# --- chat prompts: rendered and tokenized as transformers' apply_chat_template does ---
+
+TEMPLATES = {"phi-3": ["microsoft-Phi-3-mini-4k-instruct.jinja", "microsoft-Phi-3.5-mini-instruct.jinja"],
+             "phi-4": ["microsoft-phi-4.jinja", "microsoft-phi-4.llama.cpp-test.jinja"],
+             "phi-4-mini": ["microsoft-Phi-4-mini-instruct.jinja"]}
+SYSTEM = "You are a helpful assistant."
+TURNS = [("Hello", "Hi there"), (" Who are you?\n", "  I am 🤖 "), ("Another question: 日本語?", None)]
+
+
+def assert_chat_ids_match(d: Path, family: str) -> None:
+    from transformers import AutoTokenizer
+
+    from lit_gpt.prompts import ChatTemplate
+
+    ours, theirs = Tokenizer(d), AutoTokenizer.from_pretrained(d)
+    messages = [{"role": "system", "content": SYSTEM}]
+    for prompt, reply in TURNS:
+        messages += [{"role": "user", "content": prompt}] + ([{"role": "assistant", "content": reply}] if reply else [])
+    for name in TEMPLATES[family]:
+        source = (DATA / "chat_templates" / name).read_text(encoding="utf-8")
+        text = ChatTemplate(name, source, tuple(ours.special_tokens.items())).conversation(TURNS, SYSTEM)
+        expected = theirs.apply_chat_template(messages, chat_template=source, add_generation_prompt=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected  # transformers 5: a dict
+        assert ours.encode(text).tolist() == list(expected), name
+
+
+def test_phi3_chat_prompt_ids(phi3):
+    assert_chat_ids_match(phi3, "phi-3")
+
+
+def test_tiktoken_chat_prompt_ids(tiktoken_family):
+    assert_chat_ids_match(tiktoken_family[1], tiktoken_family[0])

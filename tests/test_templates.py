@@ -124,7 +124,7 @@ def test_template_helpers_as_in_transformers(hf_tokenizer):
     with pytest.raises(UserError, match=r"^the chat template \(strict\) refuses this conversation: System role not "
                                         r"supported$"):
         refusing.conversation([("Hi", None)], SYSTEM)
-    with pytest.raises(UserError, match="^the chat template does not compile: "):
+    with pytest.raises(UserError, match=r"^the chat template \(broken\) does not compile: .*'endfor'.* \(line 1\)$"):
         ChatTemplate("broken", "{% for m in messages %}")
     with pytest.raises(UserError, match="refuses this conversation: .*unsafe"):  # the sandbox holds
         ChatTemplate("escape", "{{ messages.__class__.__mro__ }}").apply("Hi")
