@@ -82,8 +82,11 @@ class ChatTemplate:
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
-        """The turn tokens the template writes, and eos: a reply ends at any of them."""
-        found = _TURN_TOKEN.findall(self.source) + [v for k, v in self.special_tokens if k == "eos_token"]
+        """The turn tokens the template writes, eos, and bos where it is one of those (phi-4's <|endoftext|>): a
+        reply ends at any of them."""
+        tokens = dict(self.special_tokens)
+        found = _TURN_TOKEN.findall(self.source) + [tokens[k] for k in ("eos_token",) if k in tokens]
+        found += [tokens[k] for k in ("bos_token",) if _TURN_TOKEN.fullmatch(tokens.get(k, ""))]
         return tuple(dict.fromkeys(found))
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:

@@ -246,7 +246,7 @@ def _read_gguf_vocab(path: Path) -> tuple[list[str], list[float], list[int]]:
             fields = GGUFReader(plain).fields
             values = [fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "scores", "token_type")]
             model = fields["tokenizer.ggml.model"].contents()
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, IndexError) as e:  # what numpy raises on a cut or foreign file
             raise UserError(f"cannot read a tokenizer from {path} ({first_line(e)}); it needs a GGUF file with one")
     if model != "llama" or len(set(map(len, values))) != 1:
         raise UserError(f"{path} holds no SentencePiece vocabulary (tokenizer model {model!r}), which Phi-3 has")

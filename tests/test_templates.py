@@ -106,7 +106,8 @@ def test_built_in_templates_are_the_models_own():
 def test_stop_sequences_are_the_turn_tokens():
     assert get_style("phi-3", FAMILY_TOKENS["phi-3"]).stop_sequences == (
         "<|system|>", "<|end|>", "<|user|>", "<|assistant|>", "<|endoftext|>")
-    assert get_style("phi-4", FAMILY_TOKENS["phi-4"]).stop_sequences == ("<|im_start|>", "<|im_sep|>", "<|im_end|>")
+    assert get_style("phi-4", FAMILY_TOKENS["phi-4"]).stop_sequences == (
+        "<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>")
     assert set(get_style("phi-4-mini").stop_sequences) == {"<|tool|>", "<|/tool|>", "<|end|>", "<|assistant|>"}
 
 
