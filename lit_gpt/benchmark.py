@@ -124,7 +124,8 @@ def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compi
 
 
 def bench_transformers(hf_dir: str, max_new_tokens: int, prompt_tokens: Optional[int] = None) -> dict:
-    """transformers' PhiForCausalLM.generate on the same weights, bf16, greedy, with a token-timing streamer."""
+    """transformers' generate (PhiForCausalLM, Phi3ForCausalLM) on the same weights, bf16, greedy, with a
+    token-timing streamer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
 
@@ -135,6 +136,7 @@ def bench_transformers(hf_dir: str, max_new_tokens: int, prompt_tokens: Optional
     load_s = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     ids = torch.tensor([prompt_ids(lambda text: tokenizer(text)["input_ids"], prompt_tokens)], device=device)
+    pad_id = tokenizer.eos_token_id  # (a batch of one is never padded; generate wants one within the vocabulary)
 
     class Stamps(BaseStreamer):
         def __init__(self, on_token) -> None:
@@ -150,9 +152,11 @@ def bench_transformers(hf_dir: str, max_new_tokens: int, prompt_tokens: Optional
 
     def run(on_token) -> None:
         model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                       min_new_tokens=max_new_tokens, streamer=Stamps(on_token), pad_token_id=50256)
+                       min_new_tokens=max_new_tokens, streamer=Stamps(on_token), pad_token_id=pad_id)
 
     step_bytes = sum(p.nbytes for n, p in model.named_parameters() if "embed_tokens" not in n)
+    if model.config.tie_word_embeddings:  # (named_parameters names the head by the embedding, which it is)
+        step_bytes += model.lm_head.weight.nbytes
     first = _summary(*_timed_tokens(run), ids.shape[1], step_bytes)
     steady = _summary(*_timed_tokens(run), ids.shape[1], step_bytes)
     return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), start_rss=start_rss,

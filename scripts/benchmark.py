@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lit_gpt.benchmark import benchmark, print_table
 from lit_gpt.choices import WeightMode
 from lit_gpt.cli import run_cli
+from lit_gpt.config import configs
 from lit_gpt.files import LIT_MODEL
 from lit_gpt.quantize import check_int4_group_size
 from lit_gpt.utils import InvalidArgument
@@ -21,7 +22,7 @@ def main(
     compile: bool = False,
     group_size: int = 32,
     transformers: bool = True,
-    make_random: Optional[Literal["phi-2", "phi-1_5", "phi-1"]] = None,
+    make_random: Optional[Literal[tuple(c["name"] for c in configs)]] = None,
     rounds: int = 1,
     llama_cpp: bool = False,
     prompt_tokens: Optional[int] = None,
@@ -41,8 +42,9 @@ def main(
         compile: Run our decode steps through torch.compile.
         group_size: Group size for int4.
         transformers: Also run transformers' generate on the Hugging Face files in checkpoint_dir.
-        make_random: phi-2, phi-1_5 or phi-1: first write a random-weight checkpoint of that shape into
-            checkpoint_dir (Hub file layout, then converted), unless one is there, to benchmark without the Hub.
+        make_random: A named config (phi-2, Phi-3-mini-4k-instruct, phi-4, ...): first write a random-weight
+            checkpoint of that shape into checkpoint_dir (the Hub's file layout, then converted; with --transformers
+            False only ours, half the disk), unless one is there, to benchmark without the Hub.
         rounds: Run every configuration this many times, in rotated order, and report the median of each
             figure: on shared machines the bandwidth drifts by tens of percent within minutes.
         llama_cpp: Also run llama.cpp (llama-cpp-python, the `bench` extra) on GGUF exports of the same weights in
@@ -56,11 +58,14 @@ def main(
         check_int4_group_size(group_size)
     if make_random and not (checkpoint_dir / LIT_MODEL).is_file():
         from lit_gpt.convert import convert_hf_checkpoint
-        from lit_gpt.random_checkpoint import write_random_hf_checkpoint
+        from lit_gpt.random_checkpoint import write_random_hf_checkpoint, write_random_lit_checkpoint
 
         print(f"writing a random {make_random} checkpoint to {checkpoint_dir}", file=sys.stderr)
-        write_random_hf_checkpoint(checkpoint_dir, make_random)
-        convert_hf_checkpoint(checkpoint_dir)
+        if transformers:
+            write_random_hf_checkpoint(checkpoint_dir, make_random)
+            convert_hf_checkpoint(checkpoint_dir)
+        else:
+            write_random_lit_checkpoint(checkpoint_dir, make_random)
     rows = benchmark(checkpoint_dir, modes, max_new_tokens, compile, group_size, transformers, rounds,
                      llama_cpp=llama_cpp, prompt_tokens=prompt_tokens)
     print_table(rows, checkpoint_dir, max_new_tokens, rounds)

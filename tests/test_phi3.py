@@ -480,3 +480,18 @@ def test_random_checkpoint_of_the_new_shapes_loads_in_transformers(tmp_path, nam
     assert int(ids.max()) < config.padded_vocab_size
     with torch.no_grad():
         torch.testing.assert_close(ours(ids[None]), hf.eval()(ids[None]).logits, atol=1e-4, rtol=0)
+
+
+def test_random_checkpoint_in_our_format_only(tmp_path):
+    """benchmark --make_random with --transformers False: lit_model.pth and the tokenizer, no Hub files (phi-4's
+    shape in bf16 then takes 29 GB of disk instead of 58)."""
+    from lit_gpt.random_checkpoint import write_random_lit_checkpoint
+    from lit_gpt.tokenizer import Tokenizer
+
+    config = _small("phi-4", padded_vocab_size=100352, vocab_size=100352)
+    write_random_lit_checkpoint(tmp_path, config=config)
+    assert not list(tmp_path.glob("*.safetensors")) and not (tmp_path / "config.json").exists()
+    model = load_model(tmp_path, quantize="int4", use_saved=False)
+    ids = Tokenizer(tmp_path).encode("def f(x):\n    return x\n")
+    with torch.inference_mode():
+        assert model(ids[None]).shape == (1, len(ids), 100352)
