@@ -29,7 +29,7 @@ def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch
     if not path.is_file():
         raise NeedsStep(f"{path} is missing; convert the checkpoint first", "convert", checkpoint_dir)
     try:
-        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state_dict = _load_mapped(path)
     except Exception as e:
         raise NeedsStep(f"{path} is truncated or corrupt ({first_line(e)}); convert the checkpoint again", "convert",
                         checkpoint_dir)
@@ -55,6 +55,25 @@ def load_lit_state_dict(checkpoint_dir: Path, config: Config) -> dict[str, torch
         raise NeedsStep(f"tensor {missing[0]} is missing from {path} ({len(missing)} in all); it does not match "
                         "lit_config.json: convert the checkpoint again", "convert", checkpoint_dir)
     return state_dict
+
+
+def _load_mapped(path: Path) -> object:
+    """torch.load, memory-mapped. Its private (copy-on-write) mapping counts in full against the memory the kernel
+    lets a process commit, and Linux refuses one larger than RAM and swap (phi-4's 29 GB on a 24 GB machine): then
+    the file is mapped shared, which the file itself backs, and read-only, so that no write reaches it."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "Cannot allocate memory" not in str(e):
+            raise
+    torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)  # (a function before torch 2.5, so not a `with`)
+    try:
+        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    finally:
+        torch.serialization.set_default_mmap_options(mmap.MAP_PRIVATE)
+    tensors = loaded.get("model", loaded) if isinstance(loaded, dict) else {}
+    _FilePages([t for t in tensors.values() if isinstance(t, torch.Tensor)]).protect()
+    return loaded
 
 
 def _check_depth_and_width(state_dict: dict[str, torch.Tensor], config: Config, path: Path) -> None:
@@ -145,22 +164,24 @@ def load_model(
 
 
 def _quantize_loaded(model: GPT, mode: str, group_size: int, pages: "_FilePages", show_progress: bool) -> None:
-    """Quantize a model whose weights are memory-mapped, handing each layer's file pages back when it is done:
-    the LM head first, then block by block. A layer's pages stay resident until it is quantized, and the
-    head's (phi-2: 262 MB) weigh least while little else is resident (int4 peak: -0.1 GB)."""
+    """Quantize a model whose weights are memory-mapped, handing each layer's file pages back as soon as it is
+    done: the LM head first, then layer by layer. A layer's pages stay resident until it is quantized, and the
+    head's (phi-2: 262 MB) weigh least while little else is resident (int4 peak: -0.1 GB); layer by layer, not block
+    by block, the peak above the result is one layer's float weights (phi-4: 0.37 GB, a block's would be 0.68)."""
     from lit_gpt.quantize import quantize_model
 
-    head = model.lm_head.weight
-    all_but_head = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
-    quantize_model(model, mode, group_size, exclude=all_but_head)
-    pages.release(head)
+    def quantize_one(module: torch.nn.Module, name: str) -> None:
+        weight = module.get_submodule(name).weight
+        others = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and n != name]
+        quantize_model(module, mode, group_size, exclude=others)
+        pages.release(weight)
+
+    quantize_one(model, "lm_head")
     pages.trim_heap()
     blocks = model.transformer.h
     for block in progress(blocks, len(blocks), f"quantizing to {mode}", show_progress, unit="block"):
-        weights = [m.weight for m in block.modules() if isinstance(m, torch.nn.Linear)]
-        quantize_model(block, mode, group_size)
-        for weight in weights:
-            pages.release(weight)
+        for name in [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]:
+            quantize_one(block, name)
         pages.trim_heap()
 
 
@@ -192,8 +213,9 @@ class _FilePages:
 
     Pages of a file mapping that were read stay counted as resident while the mapping lives (and it
     lives as long as any tensor from the file). After a tensor was converted or quantized, its pages
-    are dropped with madvise(MADV_DONTNEED): the mapping is private and never written, so a page
-    that is read again is simply read from the file again. Only ranges inside the mapping are touched.
+    are dropped with madvise(MADV_DONTNEED): the mapping is private and never written (or, for a file larger
+    than a private mapping may be, shared and read-only), so a page that is read again is simply read from the
+    file again. Only ranges inside the mapping are touched.
     glibc also keeps freed temporaries (the quantizer's float chunks) in its heap; malloc_trim returns them.
     """
 
@@ -224,3 +246,15 @@ class _FilePages:
     def trim_heap(self) -> None:
         if self.libc is not None:
             self.libc.malloc_trim(0)
+
+    def protect(self) -> None:
+        """Make the whole pages of the file's tensors read-only (a write then faults instead of changing the file)."""
+        if self.libc is None or self.end <= self.start:
+            return
+        import ctypes
+
+        self.libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        begin = -(-self.start // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = self.end // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > begin:
+            self.libc.mprotect(begin, end - begin, mmap.PROT_READ)

@@ -604,3 +604,32 @@ def test_quantized_load_memory_follows_the_result(tmp_path, mode, block):
     assert quantized_bytes < float_bytes * 0.6
     # without handing pages back it would grow by about float_bytes + quantized_bytes
     assert grown < quantized_bytes + float_bytes / 2
+
+
+def test_a_checkpoint_larger_than_a_private_mapping_may_be_loads_shared_and_read_only(tmp_path, monkeypatch):
+    """Linux refuses a private (copy-on-write) mapping larger than RAM and swap (phi-4's 29 GB lit_model.pth on a
+    24 GB machine: "Cannot allocate memory"); loading then maps the file shared, made read-only, and gives the same
+    model. The refusal is injected: this machine's RAM is not to be exhausted by a test."""
+    import mmap as mmap_module
+
+    make_hf_checkpoint(tmp_path, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16", show_progress=False)
+    idx = torch.randint(0, 51200, (1, 7))
+    with torch.inference_mode():
+        expected = load_model(tmp_path)(idx)  # the model and its private mapping are gone after this line
+    real_load = torch.load
+
+    def load(path, *args, mmap=None, **kwargs):
+        if mmap and torch.serialization.get_default_mmap_options() == mmap_module.MAP_PRIVATE:
+            raise RuntimeError(f"unable to mmap 29319092321 bytes from file <{path}>: Cannot allocate memory (12)")
+        return real_load(path, *args, mmap=mmap, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    model = load_model(tmp_path)
+    assert torch.serialization.get_default_mmap_options() == mmap_module.MAP_PRIVATE  # restored
+    maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.endswith(str(tmp_path / "lit_model.pth"))]
+    assert maps and all(fields[1].endswith("s") for fields in maps)  # shared
+    assert any(fields[1] == "r--s" for fields in maps)  # the tensors' pages read-only
+    with torch.inference_mode():
+        assert torch.equal(model(idx), expected)
