@@ -7,6 +7,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lit_gpt.cli import run_cli
+from lit_gpt.convert import convert_if_needed
 from lit_gpt.gguf_export import GgufType, export_gguf
 
 
@@ -19,11 +20,13 @@ def main(checkpoint_dir: Path, gguf_type: GgufType = "bf16", output: Optional[Pa
     into place only when complete.
 
     Args:
-        checkpoint_dir: Directory holding lit_config.json, lit_model.pth and tokenizer.json.
+        checkpoint_dir: Directory holding lit_config.json, lit_model.pth and tokenizer.json (Hugging Face weights
+            alone are converted first, as generate does).
         gguf_type: bf16, q8_0 or q4_0.
         output: The file to write (default: CHECKPOINT_DIR/gguf/<its name>-<gguf_type>.gguf, where
             scripts/benchmark.py --llama_cpp True looks for it).
     """
+    convert_if_needed(checkpoint_dir)
     out = export_gguf(checkpoint_dir, gguf_type, output)
     print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB)", file=sys.stderr)
 

@@ -27,7 +27,7 @@ from lit_gpt.tokenizer import Tokenizer
 from lit_gpt.utils import InvalidArgument, NeedsStep, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "demo" / "phi-stdlib"
+SHIPPED = ROOT / "demo" / "phi-stdlib"  # as a fresh clone has it: Hugging Face files, not yet converted
 TYPES = ("bf16", "q8_0", "q4_0")
 # held-out files of the demo model (its training.json's data.val_files), ~14k tokens, read from this interpreter's
 # standard library (the demo was trained on Python 3.11's)
@@ -37,9 +37,20 @@ LLAMA_CPP_REASON = "llama-cpp-python is not installed (pip install 'lit-phi[benc
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, Path]:
+def demo(tmp_path_factory) -> Path:
+    """A converted copy of the shipped demo model."""
+    from lit_gpt.convert import convert_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("demo") / "phi-stdlib"
+    shutil.copytree(SHIPPED, d, ignore=shutil.ignore_patterns("lit_*", "gguf"))
+    convert_hf_checkpoint(d, show_progress=False)
+    return d
+
+
+@pytest.fixture(scope="module")
+def exports(demo, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("gguf")
-    return {t: export_gguf(DEMO, t, out / f"demo-{t}.gguf", show_progress=False) for t in TYPES}
+    return {t: export_gguf(demo, t, out / f"demo-{t}.gguf", show_progress=False) for t in TYPES}
 
 
 def _fields(reader: GGUFReader) -> dict:
@@ -55,7 +66,7 @@ def test_export_has_llama_cpps_phi2_layout_and_our_tokenizer(exports):
         == {"context_length": 512, "embedding_length": 256, "feed_forward_length": 1024, "block_count": 6,
             "attention.head_count": 8, "attention.head_count_kv": 8, "rope.dimension_count": 16}
     assert meta["phi2.rope.freq_base"] == 10000.0 and meta["phi2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
-    spec = json.loads((DEMO / "tokenizer.json").read_text())
+    spec = json.loads((SHIPPED / "tokenizer.json").read_text())
     vocab = {i: token for token, i in spec["model"]["vocab"].items()}
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     assert meta["tokenizer.ggml.tokens"] == [vocab[i] for i in range(8192)]
@@ -67,7 +78,7 @@ def test_export_has_llama_cpps_phi2_layout_and_our_tokenizer(exports):
     # the weights are the Hub-format file's, bit for bit: q, k, v as llama.cpp splits attn_qkv ([q; k; v])
     tensors = {t.name: t for t in reader.tensors}
     assert len(tensors) == 1 + 2 + 2 + 6 * 10  # embedding, head, final norm; 10 per block
-    with safe_open(DEMO / "model.safetensors", "pt") as hf:
+    with safe_open(SHIPPED / "model.safetensors", "pt") as hf:
         def bf16(name):
             t = tensors[name]
             assert t.tensor_type == GGMLQuantizationType.BF16
@@ -85,15 +96,15 @@ def test_export_has_llama_cpps_phi2_layout_and_our_tokenizer(exports):
 
 @pytest.mark.parametrize("gguf_type, qtype, bound", [("q8_0", GGMLQuantizationType.Q8_0, 0.01),
                                                     ("q4_0", GGMLQuantizationType.Q4_0, 0.15)])
-def test_quantized_exports_hold_every_matrix_in_blocks_of_32(exports, gguf_type, qtype, bound):
+def test_quantized_exports_hold_every_matrix_in_blocks_of_32(demo, exports, gguf_type, qtype, bound):
     reader = GGUFReader(exports[gguf_type])
     tensors = {t.name: t for t in reader.tensors}
     matrices = [t for t in tensors.values() if len(t.shape) == 2]
     assert len(matrices) == 2 + 6 * 4 and all(t.tensor_type == qtype for t in matrices)
     assert all(t.tensor_type == GGMLQuantizationType.F32 for t in tensors.values() if len(t.shape) == 1)
     assert sum(int(t.n_bytes) for t in tensors.values()) == sum(gguf_tensor_bytes(Config.from_json(
-        DEMO / "lit_config.json"), gguf_type).values())
-    with safe_open(DEMO / "model.safetensors", "pt") as hf:
+        demo / "lit_config.json"), gguf_type).values())
+    with safe_open(SHIPPED / "model.safetensors", "pt") as hf:
         weight = hf.get_tensor("model.layers.2.mlp.fc1.weight").float().numpy()
     t = tensors["blk.2.ffn_up.weight"]
     restored = dequantize(np.array(t.data), qtype).reshape(weight.shape)
@@ -101,12 +112,12 @@ def test_quantized_exports_hold_every_matrix_in_blocks_of_32(exports, gguf_type,
     assert np.abs(restored - weight).max() / np.abs(weight).max() < bound
 
 
-def _copy_demo(tmp_path: Path) -> Path:
+def _copy_demo(demo: Path, tmp_path: Path) -> Path:
     out = tmp_path / "phi-stdlib"
     out.mkdir()
     for name in ("lit_config.json", "lit_model.pth", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):
-        shutil.copyfile(DEMO / name, out / name)
+        shutil.copyfile(demo / name, out / name)
     return out
 
 
@@ -114,23 +125,23 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.rglob("*") if p.suffix == ".gguf" or ".tmp" in p.name)
 
 
-def test_bad_inputs_are_one_line_and_leave_no_file(tmp_path):
-    ckpt = _copy_demo(tmp_path)
+def test_bad_inputs_are_one_line_and_leave_no_file(demo, tmp_path):
+    ckpt = _copy_demo(demo, tmp_path)
     spec = json.loads((ckpt / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
     (ckpt / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(UserError, match=r"tokenizer.json is not a byte-level BPE tokenizer with GPT-2's pre-tokenizer"):
         export_gguf(ckpt, "q4_0", show_progress=False)
-    spec["pre_tokenizer"] = json.loads((DEMO / "tokenizer.json").read_text())["pre_tokenizer"]
+    spec["pre_tokenizer"] = json.loads((SHIPPED / "tokenizer.json").read_text())["pre_tokenizer"]
     spec["added_tokens"].append({"id": 8192, "content": "<|extra|>", "single_word": False, "lstrip": False,
                                  "rstrip": False, "normalized": False, "special": True})
     (ckpt / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(UserError, match="has token id 8192, beyond the model's 8192 embedding rows"):
         export_gguf(ckpt, "bf16", show_progress=False)
     with pytest.raises(InvalidArgument, match=r"output .* is a directory; name the file to write"):
-        export_gguf(DEMO, "bf16", tmp_path, show_progress=False)
+        export_gguf(demo, "bf16", tmp_path, show_progress=False)
     with pytest.raises(InvalidArgument, match="gguf_type must be one of bf16, q8_0, q4_0, got 'q5_k'"):
-        export_gguf(DEMO, "q5_k", tmp_path / "x.gguf", show_progress=False)
+        export_gguf(demo, "q5_k", tmp_path / "x.gguf", show_progress=False)
     (ckpt / "lit_model.pth").unlink()
     with pytest.raises(NeedsStep, match="lit_model.pth is missing; convert the checkpoint first"):
         export_gguf(ckpt, "bf16", show_progress=False)
@@ -139,10 +150,10 @@ def test_bad_inputs_are_one_line_and_leave_no_file(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
-def test_a_failed_export_leaves_nothing_and_the_cache_follows_lit_model(tmp_path, monkeypatch):
+def test_a_failed_export_leaves_nothing_and_the_cache_follows_lit_model(demo, tmp_path, monkeypatch):
     import lit_gpt.gguf_export as gguf_export
 
-    ckpt = _copy_demo(tmp_path)
+    ckpt = _copy_demo(demo, tmp_path)
     real, written = gguf_export._gguf_tensor, []
 
     def failing(tensor, planned, config):
@@ -167,13 +178,18 @@ def test_a_failed_export_leaves_nothing_and_the_cache_follows_lit_model(tmp_path
 
 @pytest.mark.slow
 def test_export_script(tmp_path):
+    """On the shipped files, as a fresh clone has them: the script converts them first, as generate does."""
     script = [sys.executable, str(ROOT / "scripts" / "export_gguf.py")]
-    ok = subprocess.run([*script, "--checkpoint_dir", str(DEMO), "--gguf_type", "q4_0", "--output",
+    demo = tmp_path / "phi-stdlib"
+    shutil.copytree(SHIPPED, demo, ignore=shutil.ignore_patterns("lit_*", "gguf"))
+    ok = subprocess.run([*script, "--checkpoint_dir", str(demo), "--gguf_type", "q4_0", "--output",
                          str(tmp_path / "demo.gguf")], capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0 and ok.stderr.splitlines()[-1] == f"wrote {tmp_path / 'demo.gguf'} (0.01 GB)", ok.stderr
+    lines = ok.stderr.splitlines()
+    assert ok.returncode == 0 and lines[0] == f"{demo} holds Hugging Face weights but no lit_model.pth; converting " \
+        "it first" and lines[-1] == f"wrote {tmp_path / 'demo.gguf'} (0.01 GB)", ok.stderr
     assert GGUFReader(tmp_path / "demo.gguf").fields["general.file_type"].contents() == 2  # MOSTLY_Q4_0
     for args, line in [
-        (["--checkpoint_dir", str(DEMO), "--output", str(tmp_path)],
+        (["--checkpoint_dir", str(demo), "--output", str(tmp_path)],
          f"error: --output {tmp_path} is a directory; name the file to write, e.g. {tmp_path}/phi-stdlib-bf16.gguf"),
         (["--checkpoint_dir", str(tmp_path / "nowhere")],
          f"error: checkpoint directory {tmp_path / 'nowhere'} does not exist"),
@@ -201,7 +217,7 @@ def _detokenize(llm, ids: list[int]) -> bytes:
 
 
 def _held_out_texts() -> list[str]:
-    val_files = json.loads((DEMO / "training.json").read_text())["data"]["val_files"]
+    val_files = json.loads((SHIPPED / "training.json").read_text())["data"]["val_files"]
     assert set(HELD_OUT) <= set(val_files)  # the model never trained on them
     root = Path(sysconfig.get_paths()["stdlib"])
     if not all((root / name).is_file() for name in HELD_OUT):
@@ -225,10 +241,10 @@ def _llama_top1(llm, windows: list[list[int]]) -> np.ndarray:
     return np.concatenate(predicted)
 
 
-def _our_top1(dtype: torch.dtype, windows: list[list[int]]) -> np.ndarray:
+def _our_top1(demo: Path, dtype: torch.dtype, windows: list[list[int]]) -> np.ndarray:
     from lit_gpt.load import load_model
 
-    model = load_model(DEMO, dtype=dtype)
+    model = load_model(demo, dtype=dtype)
     with torch.no_grad():
         return np.concatenate([model(torch.tensor([w]))[0].argmax(-1).numpy() for w in windows])
 
@@ -242,46 +258,46 @@ def _greedy(llm, prompt: list[int], n: int) -> list[int]:
             return out
 
 
-def _our_greedy(prompt: list[int], n: int) -> list[int]:
+def _our_greedy(demo: Path, prompt: list[int], n: int) -> list[int]:
     from lit_gpt.generate import generate_tokens
     from lit_gpt.load import load_model
 
-    model = load_model(DEMO, dtype=torch.float32)
+    model = load_model(demo, dtype=torch.float32)
     model.set_kv_cache(1, max_seq_length=len(prompt) + n)
     return [int(t) for t in generate_tokens(model, torch.tensor(prompt), len(prompt) + n, temperature=0.0)]
 
 
 @pytest.mark.slow
-def test_llama_cpp_tokenizes_and_predicts_as_we_do_on_held_out_text(exports):
+def test_llama_cpp_tokenizes_and_predicts_as_we_do_on_held_out_text(demo, exports):
     llm = _llama(exports["bf16"], n_ctx=512, n_batch=512, logits_all=True)
-    tokenizer, texts = Tokenizer(DEMO), _held_out_texts()
+    tokenizer, texts = Tokenizer(demo), _held_out_texts()
     for text in texts:
         ids = tokenizer.encode(text).tolist()
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
         assert _detokenize(llm, ids) == text.encode()
     windows = _windows(tokenizer, texts, 8)
-    theirs, fp32, bf16 = _llama_top1(llm, windows), _our_top1(torch.float32, windows), _our_top1(torch.bfloat16, windows)
+    theirs, fp32, bf16 = _llama_top1(llm, windows), _our_top1(demo, torch.float32, windows), _our_top1(demo, torch.bfloat16, windows)
     assert (theirs == fp32).mean() >= 0.99  # 99.9% when measured
     # llama.cpp multiplies the bf16 weights with float32 activations, as our float32 does; our bf16 also rounds the
     # activations to bf16 between operations, and agrees with our own float32 on only 98.7% of these positions
     assert (theirs == bf16).mean() >= min(0.98, (fp32 == bf16).mean() - 0.005)
     prompt = tokenizer.encode("def fibonacci(n):").tolist()
-    assert _greedy(llm, prompt, 32) == _our_greedy(prompt, 32)
+    assert _greedy(llm, prompt, 32) == _our_greedy(demo, prompt, 32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("gguf_type, same_tokens, agreement", [("q8_0", 32, 0.97), ("q4_0", 6, 0.85)])
-def test_quantized_exports_load_and_generate(exports, gguf_type, same_tokens, agreement):
+def test_quantized_exports_load_and_generate(demo, exports, gguf_type, same_tokens, agreement):
     llm = _llama(exports[gguf_type], n_ctx=512, n_batch=512, logits_all=True)
-    tokenizer = Tokenizer(DEMO)
+    tokenizer = Tokenizer(demo)
     prompt = tokenizer.encode("def fibonacci(n):").tolist()
     continuation = _greedy(llm, prompt, 32)
     assert len(continuation) == 32 and all(0 <= t < 8192 for t in continuation)
     # greedy decoding follows ours for a while (q8_0 for all 60 tokens tried, q4_0 for 9), then q4_0 drifts
-    assert continuation[:same_tokens] == _our_greedy(prompt, same_tokens)
+    assert continuation[:same_tokens] == _our_greedy(demo, prompt, same_tokens)
     assert tokenizer.decode(continuation).startswith('\n    """\n')
     windows = _windows(tokenizer, _held_out_texts(), 2)
-    assert (_llama_top1(llm, windows) == _our_top1(torch.float32, windows)).mean() >= agreement
+    assert (_llama_top1(llm, windows) == _our_top1(demo, torch.float32, windows)).mean() >= agreement
 
 
 @pytest.mark.slow
