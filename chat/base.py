@@ -7,7 +7,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lit_gpt.cli import GenerationOptions, clean_text, load_for_inference, open_checkpoint, run_cli, unescape
+from lit_gpt.cli import LoadOptions, SamplingOptions, clean_text, load_for_inference, open_checkpoint, run_cli, unescape
 from lit_gpt.generate import ChatSession, compile_decode, make_generator
 from lit_gpt.prompts import ChatTemplate, StyleName, style_for_checkpoint
 from lit_gpt.utils import InvalidArgument, UserError
@@ -22,7 +22,8 @@ def main(
     prompt_style: Optional[StyleName] = None,
     system: Optional[str] = None,
     escapes: bool = True,
-    options: GenerationOptions = GenerationOptions(),
+    sampling: SamplingOptions = SamplingOptions(),
+    options: LoadOptions = LoadOptions(),
 ) -> None:
     """Chat with a Phi model: type after ">> Prompt: ", the reply streams after ">> Reply: ".
 
@@ -58,7 +59,7 @@ def main(
     print(f"Chat template: {style.name}" if isinstance(style, ChatTemplate) else f"Prompt style {style.name}", file=err)
     session = ChatSession(
         model, tokenizer, style, system=system, max_new_tokens=max_new_tokens, generator=make_generator(device, seed),
-        decode_forward=compile_decode(model) if options.compile else None, **options.sampling(),
+        decode_forward=compile_decode(model) if options.compile else None, **sampling.as_kwargs(),
     )
     print(f"Empty prompt or Ctrl-D: exit. Ctrl-C: stop a reply. {RESET}: new conversation.", file=err, flush=True)
     while True:

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from lit_gpt.cli import GenerationOptions, clean_text, load_for_inference, open_checkpoint, run_cli, unescape
+from lit_gpt.cli import LoadOptions, SamplingOptions, clean_text, load_for_inference, open_checkpoint, run_cli, unescape
 from lit_gpt.device import decode_step_bytes, free_memory, kv_cache_bytes, peak_memory, sync
 from lit_gpt.generate import check_context, compile_decode, generate, make_generator, stream
 from lit_gpt.prompts import StyleName, get_style
@@ -24,7 +24,8 @@ def main(
     seed: Optional[int] = 1234,
     prompt_style: StyleName = "raw",
     escapes: bool = True,
-    options: GenerationOptions = GenerationOptions(),
+    sampling: SamplingOptions = SamplingOptions(),
+    options: LoadOptions = LoadOptions(),
 ) -> None:
     """Continue a prompt with a Phi model: prompt and continuation to stdout, speed and memory to stderr.
 
@@ -61,8 +62,8 @@ def main(
                               f"need {need / 1e9:.1f} GB of KV cache but {free / 1e9:.1f} GB are free; use fewer")
     model = load_for_inference(checkpoint_dir, options, device, precision, dtype)
     model.set_kv_cache(num_samples, max_seq_length=max_returned_tokens)
-    kwargs = dict(num_samples=num_samples, stop_sequences=style.stop_sequences, top_k=options.top_k,
-                  top_p=options.top_p)
+    kwargs = dict(num_samples=num_samples, stop_sequences=style.stop_sequences, top_k=sampling.top_k,
+                  top_p=sampling.top_p)
     decode_forward = None
     if options.compile:
         decode_forward = compile_decode(model)
@@ -72,7 +73,7 @@ def main(
         # seeded generator is untouched)
         print(f"Compiled in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     generator = make_generator(device, seed)
-    temperature = options.temperature
+    temperature = sampling.temperature
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -49,7 +49,7 @@ class Terminated(BaseException):
 
 def run_cli(fn: Callable) -> None:
     """Run `fn` as a command line: one flag per parameter, documented by its docstring. A parameter whose
-    type is a dataclass (options shared by several scripts, such as `GenerationOptions`) contributes its
+    type is a dataclass (options shared by several scripts, such as `LoadOptions`) contributes its
     fields as flags of their own, documented by the dataclass's docstring.
 
     A UserError, an OS error (disk full, read-only, permission, a file where a directory belongs) and running
@@ -183,13 +183,33 @@ def _description(fn: Callable) -> str:
 
 
 @dataclasses.dataclass
-class GenerationOptions:
-    """How generate, chat and the server load the model and sample from it.
+class SamplingOptions:
+    """How generate and chat sample (the server takes these per request).
 
     Args:
         top_k: Sample only from the k most likely tokens (null: all).
         top_p: Sample only from the most likely tokens that make up this much probability (1: off).
         temperature: Divides the logits before sampling; 0 is greedy decoding.
+    """
+
+    top_k: Optional[int] = 200
+    top_p: float = 1.0
+    temperature: float = 0.8
+
+    def __post_init__(self) -> None:
+        from lit_gpt.generate import check_sampling
+
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
+    def as_kwargs(self) -> dict:
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@dataclasses.dataclass
+class LoadOptions:
+    """How generate, chat and the server load the model and run it.
+
+    Args:
         precision: 32-true, bf16-true or 16-true (default: bf16 where the GPU or CPU supports it, else 16
             on a GPU and 32 on a CPU).
         compile: Compile the decode step with torch.compile (slow first steps, faster after).
@@ -198,19 +218,13 @@ class GenerationOptions:
         group_size: Inputs per scale for --quantize int4: 32, 64, 128 or 256 (smaller: more accurate, larger file).
     """
 
-    top_k: Optional[int] = 200
-    top_p: float = 1.0
-    temperature: float = 0.8
     precision: Optional[Precision] = None
     compile: bool = False
     quantize: Optional[QuantizeMode] = None
     group_size: int = 32
 
-    def sampling(self) -> dict:
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
-
-def open_checkpoint(checkpoint_dir: Path, options: GenerationOptions):
+def open_checkpoint(checkpoint_dir: Path, options: LoadOptions):
     """What generate, chat and the server do before loading the weights: choose the device and precision,
     convert a directory that has only Hugging Face weights, and read the tokenizer and the config (so that
     a prompt can be checked against the context first). Returns (device, precision, dtype, tokenizer, config)."""
@@ -218,17 +232,15 @@ def open_checkpoint(checkpoint_dir: Path, options: GenerationOptions):
     from lit_gpt.convert import convert_if_needed
     from lit_gpt.device import choose_device
     from lit_gpt.files import LIT_CONFIG
-    from lit_gpt.generate import check_sampling
     from lit_gpt.tokenizer import Tokenizer
 
-    check_sampling(options.temperature, options.top_k, options.top_p)
     device, precision, dtype = choose_device(options.precision)
     convert_if_needed(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     return device, precision, dtype, tokenizer, Config.from_json(Path(checkpoint_dir) / LIT_CONFIG)
 
 
-def load_for_inference(checkpoint_dir: Path, options: GenerationOptions, device, precision: str, dtype):
+def load_for_inference(checkpoint_dir: Path, options: LoadOptions, device, precision: str, dtype):
     """The model, loaded (and quantized) as the options say, with one line on stderr."""
     from lit_gpt.load import load_model
 
