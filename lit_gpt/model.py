@@ -114,19 +114,31 @@ class GPT(nn.Module):
     # under torch.compile (of this module) this frame stays eager and the functions it calls are traced: _forward
     # as the graph, _sync_rope not (disabled: it reads positions on the host and may run a prefill)
     @torch.compiler.disable(recursive=False)
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                row: Optional[int] = None) -> torch.Tensor:
         """Logits for token ids `idx` (B, T).
 
         Without `input_pos`: a plain causal forward over positions 0..T-1 (training, scoring).
         With `input_pos` (T positions): tokens are written into the KV cache at those positions and
         attend to everything cached before them (prefill of a prompt or of a new chat turn, decode).
+        With `row`, idx is (1, T) and only that row of the cache is written and read (a server's prefill of one
+        request while the other rows hold theirs). With `input_pos` of shape (B, 1): one decode step in which each
+        row is at its own position (continuous batching, lit_gpt/batching.py).
         """
+        if input_pos is not None and input_pos.dim() == 2 and (input_pos.size(1) != 1 or row is not None):
+            raise ValueError(f"per-row positions are for one-token decode steps over every row: got input_pos of "
+                             f"shape {tuple(input_pos.shape)}{'' if row is None else ' with a row'}")
         if input_pos is not None and self._cache_ids is not None:
             self._sync_rope(input_pos)
-            self._cache_ids.index_copy_(1, input_pos, idx)
-        return self._forward(idx, input_pos)
+            if input_pos.dim() == 2:
+                self._cache_ids.scatter_(1, input_pos, idx)
+            else:
+                cache_ids = self._cache_ids if row is None else self._cache_ids[row:row + 1]
+                cache_ids.index_copy_(1, input_pos, idx)
+        return self._forward(idx, input_pos, row=row)
 
-    def _forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], logits: bool = True) -> torch.Tensor:
+    def _forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], logits: bool = True,
+                 row: Optional[int] = None) -> torch.Tensor:
         T = idx.size(1)
         c = self.config
         if input_pos is None:
@@ -138,7 +150,9 @@ class GPT(nn.Module):
         else:
             cos, sin = self.rope_tables(self.long_rope)
             cos, sin = cos[input_pos], sin[input_pos]
-            window = self.attention_window(input_pos)
+            if input_pos.dim() == 2:  # (B, 1, n): broadcast over the heads of (B, n_head, 1, head_size)
+                cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            window = self.attention_window(input_pos)._replace(row=row)
 
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
@@ -173,6 +187,9 @@ class GPT(nn.Module):
     def attention_window(self, input_pos: torch.Tensor) -> "Window":
         """The cache slots the queries at `input_pos` look at."""
         window = self.config.sliding_window
+        if input_pos.dim() == 2:  # each row at its own position: a mask per row, (B, 1, 1, length)
+            length = self.max_seq_length if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+            return Window(length, attention_mask(input_pos, length, window).unsqueeze(1))
         if torch.compiler.is_compiling():
             # static shapes: attend over the whole cache, masked (one graph for every step)
             return Window(self.max_seq_length, attention_mask(input_pos, self.max_seq_length, window))
@@ -185,12 +202,14 @@ class GPT(nn.Module):
 
 
 class Window(NamedTuple):
-    """What a forward with `input_pos` attends to: cache positions 0 .. length - 1, through `mask` (T, length)
-    (None: positions start .. length - 1, as for a single query at position length - 1)."""
+    """What a forward with `input_pos` attends to: cache positions 0 .. length - 1, through `mask` (T, length), or
+    (B, 1, 1, length) for per-row positions (None: positions start .. length - 1, as for a single query at position
+    length - 1); in cache row `row` only, or in every row (None)."""
 
     length: int
     mask: Optional[torch.Tensor]
     start: int = 0
+    row: Optional[int] = None
 
 
 class Linear(nn.Linear):
@@ -249,15 +268,17 @@ class CausalSelfAttention(nn.Module):
         else:
             if self.kv_cache is None:
                 raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
-            # an eager decode step on CPU: rotary embedding, cache write and attention in one kernel call
-            y = self.kv_cache.fused_decode(qkv, cos, sin, window.length, c.n_head, c.rope_n_elem, scale,
-                                           c.sliding_window)
-            if y is not None:
-                return self.proj(y)
+            one_position = input_pos.dim() == 1
+            if one_position and window.row is None:
+                # an eager decode step on CPU: rotary embedding, cache write and attention in one kernel call
+                y = self.kv_cache.fused_decode(qkv, cos, sin, window.length, c.n_head, c.rope_n_elem, scale,
+                                               c.sliding_window)
+                if y is not None:
+                    return self.proj(y)
             q, k, v = self.heads(qkv, cos, sin)
-            k, v = self.kv_cache.update(input_pos, k, v)
+            k, v = self.kv_cache.update(input_pos, k, v, window.row)
             # a decode step on CPU (see gemv.c); needs no mask
-            y = gemv.attend_one(q, k, v, input_pos, scale, c.sliding_window or 0)
+            y = gemv.attend_one(q, k, v, input_pos, scale, c.sliding_window or 0) if one_position else None
             if y is None:
                 s, e = window.start, window.length
                 y = self.attention(q, k[:, :, s:e], v[:, :, s:e], window.mask, scale)
@@ -366,12 +387,20 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write keys and values (B, n_query_groups, T, head_size) at the T positions `input_pos`; return the
-        whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               row: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys and values (B, n_query_groups, T, head_size) at the T positions `input_pos`, or each row's one
+        at its own position (input_pos (B, 1)); return the whole cache. With `row`, k and v are one sequence's
+        (B = 1), written into and returned from that row of the cache."""
+        if input_pos.dim() == 2:
+            rows = torch.arange(k.size(0), device=k.device)
+            self.k[rows, :, input_pos[:, 0]] = k[:, :, 0].to(self.k.dtype)
+            self.v[rows, :, input_pos[:, 0]] = v[:, :, 0].to(self.v.dtype)
+            return self.k, self.v
+        keys, values = (self.k, self.v) if row is None else (self.k[row:row + 1], self.v[row:row + 1])
+        keys.index_copy_(2, input_pos, k.to(keys.dtype))
+        values.index_copy_(2, input_pos, v.to(values.dtype))
+        return keys, values
 
     def fused_decode(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: int, n_head: int,
                      rope_n_elem: int, scale: float, sliding_window: Optional[int] = None) -> Optional[torch.Tensor]:

@@ -1,3 +1,4 @@
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -26,3 +27,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    """The shipped demo model (demo/phi-stdlib: Hugging Face files, as a fresh clone has them), converted in a
+    temporary copy."""
+    from lit_gpt.convert import convert_hf_checkpoint
+
+    d = tmp_path_factory.mktemp("demo") / "phi-stdlib"
+    shutil.copytree(ROOT / "demo" / "phi-stdlib", d, ignore=shutil.ignore_patterns("lit_*", "gguf"))
+    convert_hf_checkpoint(d, show_progress=False)
+    return d

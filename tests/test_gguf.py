@@ -37,14 +37,8 @@ LLAMA_CPP_REASON = "llama-cpp-python is not installed (pip install 'lit-phi[benc
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    """A converted copy of the shipped demo model."""
-    from lit_gpt.convert import convert_hf_checkpoint
-
-    d = tmp_path_factory.mktemp("demo") / "phi-stdlib"
-    shutil.copytree(SHIPPED, d, ignore=shutil.ignore_patterns("lit_*", "gguf"))
-    convert_hf_checkpoint(d, show_progress=False)
-    return d
+def demo(demo_checkpoint) -> Path:
+    return demo_checkpoint
 
 
 @pytest.fixture(scope="module")
