@@ -229,3 +229,25 @@ def style_for_checkpoint(checkpoint_dir: Union[str, Path], name: Optional[StyleN
         if found == style or (found.startswith(style) and found[len(style)] in "-_."):
             return get_style(style, tokens)  # type: ignore[arg-type]
     return STYLES["raw"]
+
+
+def render_messages(style: Style, messages: Sequence[dict]) -> str:
+    """OpenAI-style messages ([{"role": "system" | "user" | "assistant", "content": ...}]) as the text the model
+    continues with the assistant's reply: through the chat template, or as the style's turns (system messages
+    before the first turn; consecutive user messages are turns without a reply)."""
+    if isinstance(style, ChatTemplate):
+        return style.render(messages)
+    system = "\n".join(m["content"] for m in messages if m["role"] in ("system", "developer")) or None
+    turns: list[tuple[str, Optional[str]]] = []
+    prompt: Optional[str] = None
+    for m in messages:
+        if m["role"] == "user":
+            if prompt is not None:
+                turns.append((prompt, ""))
+            prompt = m["content"]
+        elif m["role"] == "assistant":
+            turns.append((prompt or "", m["content"]))
+            prompt = None
+    if prompt is None:
+        raise UserError("the last message must be the user's: the model writes the assistant's reply")
+    return style.conversation(turns + [(prompt, None)], system)
