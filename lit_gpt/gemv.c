@@ -4,7 +4,7 @@
 // A decode step multiplies one activation row by every weight matrix, so it is bound by how fast the
 // weights stream from memory. These kernels read the weights front to back as they are stored (one
 // sequential stream per thread, which the hardware prefetcher follows best), bf16 with vdpbf16ps into
-// fp32, int8 and int4 with vpdpbusd into int32 against a 16-bit fixed-point copy of the activations.
+// fp32, int8 and int4 with vpdpbusd into int32 against an 8-bit copy of the activations (per block of 32).
 // Threads take the rows in chunks of ~1 MB of weights as they go (OpenMP dynamic schedule: the same
 // runtime as torch, whose libgomp this library binds to when loaded after torch). An even static split
 // left one thread waiting for the other: on these shared 2-core machines one core often streams slower,
@@ -12,7 +12,7 @@
 // gained 3-7% per decode step over it, 64 KB chunks lost up to 10% (the streams restart too often).
 //
 // Built and loaded by lit_gpt/gemv.py; the results match F.linear up to fp32 summation order (and, for
-// int8/int4, the activations' rounding to 16 bits per block, ~1e-5 of the block's largest value).
+// int8/int4, the activations' rounding to 8 bits per block of 32: at most 1/254 of the block's largest value).
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -93,141 +93,144 @@ void gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint1
     }
 }
 
-// ---- the activation row as 16-bit fixed point, for the integer dot products of the int8/int4 kernels ---
+// ---- the activation row in 8 bits per block of 32, for the integer dot products of the int8/int4 kernels ---
 //
-// vpdpbusd multiplies 64 unsigned by 64 signed bytes and adds each four products into an int32 lane:
-// twice the products per instruction of vdpbf16ps, with no widening of the weights. The bf16 activations
-// become, per block of columns, x[k] ~ step * (256 hi[k] + lo[k]) with hi, lo signed bytes and
-// |256 hi + lo| <= 32639: an error of at most 1/65278 of the block's largest |x|, far below bf16's own
-// rounding (1/512 of each value) for all but values 128x smaller than the block's largest. The weights
-// enter as the unsigned operand (int4: q in 0..15; int8: q + 128), so results stay weight-only in effect.
+// vpdpbusd multiplies 64 unsigned by 64 signed bytes and adds each four products into an int32 lane: twice
+// the products per instruction of vdpbf16ps, with no widening of the weights. The bf16 activations become,
+// per block of 32 columns, x[k] ~ step * xq[k] with xq a signed byte (|xq| <= 127, round to nearest): one
+// vpdpbusd per 64 weight bytes. (A 16-bit form, as a high and a low byte, took two per 64 bytes and four
+// for int4's unpacked nibbles; the integer dot products, not memory, then set the speed at high bandwidth.)
+// The error is at most half a step, 1/254 of the block's largest |x|, as in llama.cpp's q8_0 activations.
+// The weights enter as the unsigned operand (int4: q in 0..15; int8: q + 128).
 
-#define FIXED_MAX 32639.0f
+#define XBLOCK 32
 
 typedef struct {
-    int8_t *hi, *lo;    // K bytes each, zero-padded to a multiple of 64
-    float *step;        // per block
-    float *sum;         // per block: sum of x over it, in its fixed-point form: step * sum(256 hi + lo)
-    int finite;         // 0 if x holds an infinity or NaN
-} fixed_x;
+    int8_t *q;      // K bytes, zero-padded to a multiple of 64
+    float *step;    // per block of 32 columns: lanes 0-7 of a 64-column vector use block 2i, lanes 8-15 2i+1
+    float *sum;     // per block: the sum of its x as quantized, step * sum(xq)
+    float *lanes;   // per 64 columns, 16 floats: the steps as the int32 lanes of one vpdpbusd need them
+    int finite;     // 0 if x holds an infinity or NaN
+} q8_x;
 
-static int fixed_x_make(fixed_x *f, const uint16_t *x, int64_t K, int64_t block) {
-    int64_t padded = (K + 63) / 64 * 64, blocks = (K + block - 1) / block;
-    f->hi = aligned_alloc(64, 2 * padded);
-    f->step = malloc(2 * blocks * sizeof(float));
-    if (!f->hi || !f->step) {
-        free(f->hi);
+static int q8_x_make(q8_x *f, const uint16_t *x, int64_t K) {
+    int64_t padded = (K + 63) / 64 * 64, blocks = padded / XBLOCK;
+    f->q = aligned_alloc(64, padded);
+    f->step = aligned_alloc(64, (2 * blocks + 8 * blocks) * sizeof(float));  // (a multiple of 64 bytes)
+    if (!f->q || !f->step) {
+        free(f->q);
         free(f->step);
         return 0;
     }
-    f->lo = f->hi + padded;
-    f->sum = f->step + blocks;
-    memset(f->hi + K, 0, padded - K);
-    memset(f->lo + K, 0, padded - K);
+    f->lanes = f->step;
+    f->sum = f->step + 8 * blocks;
+    f->step = f->sum + blocks;
+    memset(f->q + K, 0, padded - K);
     f->finite = 1;
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t k0 = b * block, k1 = k0 + block < K ? k0 + block : K;
-        __m512 top = _mm512_setzero_ps();
-        __mmask16 bad = 0;
-        for (int64_t k = k0; k < k1; k += 16) {
-            __mmask16 m = _cvtu32_mask16(k1 - k >= 16 ? 0xFFFFu : (1u << (k1 - k)) - 1u);
-            __m512 a = _mm512_abs_ps(load_bf16x16(x + k, m));
-            bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // infinite or NaN
+        int64_t k0 = b * XBLOCK, k1 = k0 + XBLOCK < K ? k0 + XBLOCK : K;
+        if (k0 >= K) {  // the padding's blocks: zeros
+            f->step[b] = f->sum[b] = 0.0f;  // (their lanes are set below)
+            continue;
+        }
+        __m512 v[2], top = _mm512_setzero_ps();
+        __mmask16 m[2];
+        for (int h = 0; h < 2; h++) {
+            int64_t k = k0 + 16 * h, left = k1 - k;
+            m[h] = _cvtu32_mask16(left >= 16 ? 0xFFFFu : left <= 0 ? 0u : (1u << left) - 1u);
+            v[h] = load_bf16x16(x + k, m[h]);
+            __m512 a = _mm512_abs_ps(v[h]);
+            if (_mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ)) f->finite = 0;  // infinite or NaN
             top = _mm512_max_ps(top, a);
         }
-        if (bad) f->finite = 0;
         float big = _mm512_reduce_max_ps(top);
-        float step = big > 0.0f ? big / FIXED_MAX : 1.0f;
-        __m512 inv = _mm512_set1_ps(1.0f / step);
+        float step = big > 0.0f ? big / 127.0f : 0.0f;
+        __m512 inv = _mm512_set1_ps(big > 0.0f ? 127.0f / big : 0.0f);
         __m512i total = _mm512_setzero_si512();
-        for (int64_t k = k0; k < k1; k += 16) {
-            __mmask16 m = _cvtu32_mask16(k1 - k >= 16 ? 0xFFFFu : (1u << (k1 - k)) - 1u);
-            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load_bf16x16(x + k, m), inv));  // round to nearest
-            __m512i lo = _mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24);                // the low byte, signed
-            __m512i hi = _mm512_srai_epi32(_mm512_sub_epi32(v, lo), 8);
-            _mm_mask_storeu_epi8(f->lo + k, m, _mm512_cvtepi32_epi8(lo));
-            _mm_mask_storeu_epi8(f->hi + k, m, _mm512_cvtepi32_epi8(hi));
-            total = _mm512_add_epi32(total, v);
+        for (int h = 0; h < 2; h++) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v[h], inv));  // round to nearest even
+            q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+            _mm_mask_storeu_epi8(f->q + k0 + 16 * h, m[h], _mm512_cvtepi32_epi8(q));
+            total = _mm512_add_epi32(total, q);
         }
         f->step[b] = step;
         f->sum[b] = step * (float)_mm512_reduce_add_epi32(total);
     }
+    for (int64_t b = 0; b < blocks; b++)
+        for (int i = 0; i < 8; i++) f->lanes[8 * b + i] = f->step[b];
     return 1;
 }
 
-static void fixed_x_free(fixed_x *f) {
-    free(f->hi);
-    free(f->step);
+static void q8_x_free(q8_x *f) {
+    free(f->q);
+    free(f->lanes);
 }
 
 // The int8/int4 products and the attention return 0, or -1 where their scratch memory (a few KB to a few
 // hundred KB) could not be allocated; the caller raises MemoryError.
 #define OUT_OF_MEMORY (-1)
 
-// The fixed-point copy of x for a product with n outputs: 1 when it is ready (free it after use); 0 when x
-// holds an infinity or NaN, and y (n outputs) is all NaN, as a float product would give; OUT_OF_MEMORY.
-static int fixed_x_ready(fixed_x *f, const uint16_t *x, int64_t K, int64_t block, uint16_t *y, int64_t n) {
-    if (!fixed_x_make(f, x, K, block)) return OUT_OF_MEMORY;
+// The 8-bit copy of x for a product with n outputs: 1 when it is ready (free it after use); 0 when x holds
+// an infinity or NaN, and y (n outputs) is all NaN, as a float product would give; OUT_OF_MEMORY.
+static int q8_x_ready(q8_x *f, const uint16_t *x, int64_t K, uint16_t *y, int64_t n) {
+    if (!q8_x_make(f, x, K)) return OUT_OF_MEMORY;
     if (f->finite) return 1;
-    fixed_x_free(f);
+    q8_x_free(f);
     for (int64_t i = 0; i < n; i++) y[i] = 0x7FC0;
+    return 0;
+}
+
+// The x the int8/int4 products compute with, as bf16 can hold it exactly only by chance: step * xq as
+// fp32 (K floats), for the tests' reference.
+int quantize_x8(const uint16_t *x, float *out, int64_t K) {
+    q8_x f;
+    if (!q8_x_make(&f, x, K)) return OUT_OF_MEMORY;
+    for (int64_t k = 0; k < K; k++) out[k] = f.step[k / XBLOCK] * (float)f.q[k];
+    if (!f.finite)
+        for (int64_t k = 0; k < K; k++) out[k] = NAN;
+    q8_x_free(&f);
     return 0;
 }
 
 // ---- int8 weights with one scale per row: y[n] = scale[n] * sum_k q[n, k] x[k] + bias[n] -------------
 //
-// Per block of INT8_BLOCK columns and row, the int32 lanes gather 256 * sum (q + 128) hi + sum (q + 128) lo
-// (at most 16 products per lane: no overflow), become fp32 and are scaled by the block's step; the + 128
-// adds 128 * sum(x) to every row, subtracted once at the end.
+// Per 64 columns and row, one vpdpbusd gathers sum (q + 128) xq per block of 32 (lanes 0-7 and 8-15), which
+// becomes fp32, times the blocks' steps; the + 128 adds 128 * sum(x) to every row, subtracted once at the end.
 
-#define INT8_BLOCK 256
-
-static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, const fixed_x *f, int64_t K, int R,
-                                                           float *out) {
+// One row at a time, also for wide rows: with 8-bit activations a row and x take 2 bytes per column and four
+// rows per pass (as bf16 does for wide rows) measured slower on 10240-wide rows.
+static float dot_int8(const int8_t *w, const q8_x *f, int64_t K) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0, k0 = 0; k0 < K; b++, k0 += INT8_BLOCK) {
-        int64_t k1 = k0 + INT8_BLOCK < K ? k0 + INT8_BLOCK : K;
-        __m512i hi[ROWS], lo[ROWS];
-        for (int r = 0; r < R; r++) hi[r] = lo[r] = _mm512_setzero_si512();
-        for (int64_t k = k0; k < k1; k += 64) {
-            // past K the weights load as 0 (128 after the flip) and meet zero activations
-            __mmask64 m = k1 - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (k1 - k)) - 1);
-            __m512i xh = _mm512_load_si512(f->hi + k), xl = _mm512_load_si512(f->lo + k);
-            for (int r = 0; r < R; r++) {
-                __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + r * K + k), flip);
-                hi[r] = _mm512_dpbusd_epi32(hi[r], u, xh);
-                lo[r] = _mm512_dpbusd_epi32(lo[r], u, xl);
-            }
-        }
-        __m512 step = _mm512_set1_ps(f->step[b]);
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[r], 8), lo[r])), step, acc[r]);
+    __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();  // two chains of convert-and-fma
+    int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
+        __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64), flip);
+        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_load_si512(f->q + k));
+        __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, _mm512_load_si512(f->q + k + 64));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_load_ps(f->lanes + k / 4), acc);
+        acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_load_ps(f->lanes + k / 4 + 16), acc2);
     }
-    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (; k < K; k += 64) {  // past K the weights load as 0 (128 after the flip) and meet zero activations
+        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (K - k)) - 1);
+        __m512i u0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + k), flip);
+        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_load_si512(f->q + k));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_load_ps(f->lanes + k / 4), acc);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
 }
 
 int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
               int64_t N, int64_t K) {
-    fixed_x f;
-    int ready = fixed_x_ready(&f, x, K, INT8_BLOCK, y, N);
+    q8_x f;
+    int ready = q8_x_ready(&f, x, K, y, N);
     if (ready != 1) return ready;
     float offset = 0.0f;
-    for (int64_t b = 0; b * INT8_BLOCK < K; b++) offset += 128.0f * f.sum[b];
-    int R = 3 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 1 + 2 bytes per column
-#pragma omp parallel for schedule(dynamic, chunk_of(R * K))
-    for (int64_t n = 0; n < N; n += R) {
-        int rows = N - n < R ? (int)(N - n) : R;
-        float out[ROWS];
-        if (rows == ROWS)
-            dot_int8(w + n * K, &f, K, ROWS, out);
-        else
-            for (int r = 0; r < rows; r++) dot_int8(w + (n + r) * K, &f, K, 1, out + r);
-        for (int r = 0; r < rows; r++)
-            y[n + r] = f32_to_bf16((out[r] - offset) * bf16_to_f32(scales[n + r]) + bias_at(bias, n + r));
-    }
-    fixed_x_free(&f);
+    for (int64_t b = 0; b * XBLOCK < K; b++) offset += 128.0f * f.sum[b];
+#pragma omp parallel for schedule(dynamic, chunk_of(K))
+    for (int64_t n = 0; n < N; n++)
+        y[n] = f32_to_bf16((dot_int8(w + n * K, &f, K) - offset) * bf16_to_f32(scales[n]) + bias_at(bias, n));
+    q8_x_free(&f);
     return 0;
 }
 
@@ -237,13 +240,13 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 // nibble and row j + 32 in its high one. scales_and_zeros is (K / group, N, 2) bf16 and the weight is
 // W[n, k] = (q - 8) * scale + zero. vpdpbusd needs each row's four consecutive columns in one 32-bit lane:
 // one byte permute over the 128 bytes of four columns gathers them for 16 rows (32 with both nibbles).
-// Per group g of columns, with the activations' fixed-point step s_g and sum X_g:
-//   sum_{k in g} W x = scale * s_g * sum q (256 hi + lo) + (zero - 8 scale) * X_g.
+// Per group g of columns (a whole number of activation blocks b, each with its step s_b and sum X_b):
+//   sum_{k in g} W x = scale * sum_b s_b sum_{k in b} q xq + (zero - 8 scale) * sum_b X_b.
 
 #define INT4_BLOCK 64
 
 // one block of 64 rows: out[r] = sum_k W[r, k] x[k]
-static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const fixed_x *f, int64_t K, int64_t group,
+static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const q8_x *f, int64_t K, int64_t group,
                        float *out) {
     // byte 4 j + m of the permute's output is byte j of column k + m (the first 16 rows; +16: the next 16)
     static const uint8_t gather[2][64] = {
@@ -255,43 +258,46 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const fi
 #undef G
     const __m512i first = _mm512_loadu_si512(gather[0]), second = _mm512_loadu_si512(gather[1]);
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const uint32_t *x_hi = (const uint32_t *)f->hi, *x_lo = (const uint32_t *)f->lo;
+    const uint32_t *xq = (const uint32_t *)f->q;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
     for (int64_t g = 0; g < K / group; g++) {
-        __m512i hi[4], lo[4];  // rows 0..15, 16..31, 32..47, 48..63
-        for (int i = 0; i < 4; i++) hi[i] = lo[i] = _mm512_setzero_si512();
-        for (int64_t k = g * group; k < (g + 1) * group; k += 4) {
-            __m512i c01 = _mm512_loadu_si512(w + k * 32), c23 = _mm512_loadu_si512(w + k * 32 + 64);
-            __m512i a = _mm512_permutex2var_epi8(c01, first, c23), b = _mm512_permutex2var_epi8(c01, second, c23);
-            __m512i q[4] = {_mm512_and_si512(a, nibble), _mm512_and_si512(b, nibble),
-                            _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble),
-                            _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble)};
-            __m512i xh = _mm512_set1_epi32((int)x_hi[k / 4]), xl = _mm512_set1_epi32((int)x_lo[k / 4]);
-            for (int i = 0; i < 4; i++) {
-                hi[i] = _mm512_dpbusd_epi32(hi[i], q[i], xh);
-                lo[i] = _mm512_dpbusd_epi32(lo[i], q[i], xl);
+        __m512 dot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        float x_sum = 0.0f;
+        for (int64_t b = g * group / XBLOCK; b < (g + 1) * group / XBLOCK; b++) {
+            __m512i d[4];  // rows 0..15, 16..31, 32..47, 48..63
+            for (int i = 0; i < 4; i++) d[i] = _mm512_setzero_si512();
+            for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4) {
+                __m512i c01 = _mm512_loadu_si512(w + k * 32), c23 = _mm512_loadu_si512(w + k * 32 + 64);
+                __m512i a = _mm512_permutex2var_epi8(c01, first, c23), bb = _mm512_permutex2var_epi8(c01, second, c23);
+                __m512i xv = _mm512_set1_epi32((int)xq[k / 4]);
+                d[0] = _mm512_dpbusd_epi32(d[0], _mm512_and_si512(a, nibble), xv);
+                d[1] = _mm512_dpbusd_epi32(d[1], _mm512_and_si512(bb, nibble), xv);
+                d[2] = _mm512_dpbusd_epi32(d[2], _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble), xv);
+                d[3] = _mm512_dpbusd_epi32(d[3], _mm512_and_si512(_mm512_srli_epi16(bb, 4), nibble), xv);
             }
+            __m512 step = _mm512_set1_ps(f->step[b]);
+            for (int i = 0; i < 4; i++) dot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), step, dot[i]);
+            x_sum += f->sum[b];
         }
-        __m512 step = _mm512_set1_ps(f->step[g]), x_sum = _mm512_set1_ps(f->sum[g]), eight = _mm512_set1_ps(8.0f);
+        __m512 xs = _mm512_set1_ps(x_sum), eight = _mm512_set1_ps(8.0f);
         const uint32_t *s = sz + g * N;  // (scale, zero) of this group, one uint32 per row
         for (int i = 0; i < 4; i++) {
             __m512i pair = _mm512_loadu_si512(s + 16 * i);
             __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
             __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u)));
-            __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[i], 8), lo[i])), step);
-            acc[i] = _mm512_fmadd_ps(scale, dot, acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), x_sum, acc[i]);
+            acc[i] = _mm512_fmadd_ps(scale, dot[i], acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), xs, acc[i]);
         }
     }
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
 // N: rows as stored (a multiple of 64); the first n_out rows are written to y. K: a multiple of group,
-// group a multiple of 4 (PyTorch's packing allows 32, 64, 128, 256).
+// group a multiple of 32 (PyTorch's packing allows 32, 64, 128, 256).
 int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_zeros, const uint16_t *bias,
               uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group) {
-    fixed_x f;
-    int ready = fixed_x_ready(&f, x, K, group, y, n_out);
+    q8_x f;
+    int ready = q8_x_ready(&f, x, K, y, n_out);
     if (ready != 1) return ready;
     int64_t blocks = N / INT4_BLOCK;
 #pragma omp parallel for schedule(dynamic, chunk_of(INT4_BLOCK * K / 2))
@@ -303,8 +309,72 @@ int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_ze
             if (n < n_out) y[n] = f32_to_bf16(out[r] + bias_at(bias, n));
         }
     }
-    fixed_x_free(&f);
+    q8_x_free(&f);
     return 0;
+}
+
+// ---- dequantization into bf16, for products of many rows (prefill) ---------------------------------------
+//
+// With a prompt's hundreds of rows a product is bound by arithmetic, not by reading the weights, and the
+// bf16 matrix product (oneDNN) is far faster than PyTorch's packed int8/int4 kernels. So the caller turns
+// the weights into bf16 a tile of rows at a time, into a scratch buffer that stays in the caches, and
+// multiplies by that: the conversion costs about one read of the weights, shared by all the rows.
+// Both round W = q * scale (int8) or (q - 8) * scale + zero (int4), computed in fp32, to bf16 once, as
+// the layers' dequantize() does.
+
+static inline __m256i f32x16_to_bf16(__m512 v) {  // round to nearest even (vcvtneps2bf16)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+// rows n0 .. n0 + n - 1 of an int8 weight (N, K) into out (n, K)
+void dequantize_int8(const int8_t *w, const uint16_t *scales, uint16_t *out, int64_t n0, int64_t n, int64_t K) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const int8_t *row = w + (n0 + r) * K;
+        __m512 s = _mm512_set1_ps(bf16_to_f32(scales[n0 + r]));
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
+            _mm256_storeu_si256((__m256i *)(out + r * K + k), f32x16_to_bf16(_mm512_mul_ps(v, s)));
+        }
+        if (k < K) {
+            __mmask16 m = _cvtu32_mask16((1u << (K - k)) - 1u);
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + k)));
+            _mm256_mask_storeu_epi16(out + r * K + k, m, f32x16_to_bf16(_mm512_mul_ps(v, s)));
+        }
+    }
+}
+
+// the 64-row blocks b0 .. b0 + nb - 1 of an int4 weight in PyTorch's CPU layout, transposed: out is
+// (K, 64 nb), column j the block's row j (the layout stores each column of a block's 64 rows together)
+void dequantize_int4_t(const uint8_t *w, const uint16_t *scales_and_zeros, uint16_t *out, int64_t N, int64_t b0,
+                       int64_t nb, int64_t K, int64_t group) {
+    int64_t width = 64 * nb;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *block = w + (b0 + b) * 64 * K / 2;
+        const uint32_t *sz = (const uint32_t *)scales_and_zeros + (b0 + b) * 64;
+        __m512 scale[4], zero[4];
+        for (int64_t k = 0; k < K; k++) {
+            if (k % group == 0) {
+                for (int i = 0; i < 4; i++) {
+                    __m512i pair = _mm512_loadu_si512(sz + k / group * N + 16 * i);
+                    scale[i] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+                    zero[i] = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u)));
+                }
+            }
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + k * 32));
+            __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(0x0F));
+            __m128i q[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1), _mm256_castsi256_si128(hi),
+                            _mm256_extracti128_si256(hi, 1)};
+            for (int i = 0; i < 4; i++) {  // rows 16 i .. 16 i + 15 of the block
+                __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q[i])), _mm512_set1_ps(8.0f));
+                __m512 wv = _mm512_add_ps(_mm512_mul_ps(v, scale[i]), zero[i]);
+                _mm256_storeu_si256((__m256i *)(out + k * width + b * 64 + 16 * i), f32x16_to_bf16(wv));
+            }
+        }
+    }
 }
 
 // ---- attention of one new token over the cached keys and values -----------------------------------------

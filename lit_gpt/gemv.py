@@ -35,7 +35,7 @@ SOURCE = Path(__file__).with_name("gemv.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi")
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
-          "-mavx512vbmi", "-mfma", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}"]
+          "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}"]
 _BF16 = torch.bfloat16
 
 _lib: Optional[ctypes.CDLL] = None
@@ -174,6 +174,23 @@ def _run_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optiona
     return y
 
 
+def _run_quantize_x8(x: Tensor) -> Tensor:
+    x, y = x.contiguous(), torch.empty(x.shape, dtype=torch.float32)
+    _check(_lib.quantize_x8(x.data_ptr(), y.data_ptr(), x.numel()))
+    return y
+
+
+def _run_dequantize_int8(weight: Tensor, scales: Tensor, start: int, out: Tensor) -> Tensor:
+    _lib.dequantize_int8(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), start, out.shape[0], weight.shape[1])
+    return out
+
+
+def _run_dequantize_int4_t(packed: Tensor, scales_and_zeros: Tensor, start: int, out: Tensor, group_size: int) -> Tensor:
+    _lib.dequantize_int4_t(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), packed.shape[0], start // 64,
+                           out.shape[1] // 64, packed.shape[1] * 2, group_size)
+    return out
+
+
 def _attend_empty(q: Tensor, *_) -> Tensor:
     return torch.empty_like(q)
 
@@ -217,7 +234,12 @@ _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 6 + (_F32,), 
                       _attend_empty)
 # eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
 _ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 8 + (_F32,), _run_attend_decode)
-_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE)
+# eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
+_QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
+_DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)
+_DEQUANTIZE_INT4_T = _Kernel("dequantize_int4_t", None, (_P,) * 3 + (_I64,) * 5, _run_dequantize_int4_t)
+_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _QUANTIZE_X8, _DEQUANTIZE_INT8,
+            _DEQUANTIZE_INT4_T)
 
 
 # ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
@@ -274,10 +296,44 @@ def linear_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optio
     inputs. The caller knows that this torch packs int4 in that layout (lit_gpt.quantize checks it)."""
     rows, K = packed.shape[0], x.shape[-1]
     if (packed.dtype == torch.uint8 and _one_row(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
-            and 0 < out_features <= rows and group_size > 0 and group_size % 4 == 0 and K % group_size == 0
+            and 0 < out_features <= rows and group_size > 0 and group_size % 32 == 0 and K % group_size == 0
             and scales_and_zeros.dtype == _BF16 and scales_and_zeros.shape == (K // group_size, rows, 2)
             and _bf16_vector(bias, out_features) and _usable(x, packed, scales_and_zeros, bias)):
         return _GEMV_INT4(x, packed, scales_and_zeros, bias, out_features, group_size)
+    return None
+
+
+def quantized_activations(x: Tensor) -> Optional[Tensor]:
+    """The activation row as linear_int8 and linear_int4 compute with it (x rounded to 8 bits per block of 32
+    values, step = the block's largest |x| / 127), as fp32; None without the kernels. For tests and references."""
+    if x.dtype == _BF16 and x.dim() == 1 and _usable(x):
+        return _QUANTIZE_X8(x)
+    return None
+
+
+def dequantize_int8(weight: Tensor, scales: Tensor, start: int, out: Tensor) -> Optional[Tensor]:
+    """Rows start .. start + len(out) - 1 of an int8 weight (out_features, in_features) times their bf16 scales,
+    rounded to bf16 once, into out (a bf16 (rows, in_features) tensor); None where the kernels cannot take it."""
+    n, K = out.shape if out.dim() == 2 else (0, 0)
+    if (weight.dtype == torch.int8 and weight.dim() == 2 and out.dtype == scales.dtype == _BF16 and K == weight.shape[1]
+            and scales.numel() == weight.shape[0] and 0 <= start and start + n <= weight.shape[0]
+            and not torch.compiler.is_compiling() and _usable(weight, scales, out)):
+        return _DEQUANTIZE_INT8(weight, scales, start, out)
+    return None
+
+
+def dequantize_int4_t(packed: Tensor, scales_and_zeros: Tensor, start: int, out: Tensor,
+                      group_size: int) -> Optional[Tensor]:
+    """Rows start .. start + out.shape[1] - 1 (both multiples of 64) of an int4 weight in PyTorch's CPU layout
+    (see linear_int4), W = (q - 8) * scale + zero rounded to bf16 once, transposed into out, a bf16
+    (in_features, rows) tensor; None where the kernels cannot take it."""
+    rows, K = packed.shape[0], packed.shape[-1] * 2
+    if (packed.dtype == torch.uint8 and packed.dim() == 2 and out.dim() == 2 and out.dtype == _BF16
+            and out.shape[0] == K and out.shape[1] % 64 == 0 and start % 64 == 0 and 0 <= start
+            and start + out.shape[1] <= rows and rows % 64 == 0 and group_size > 0 and K % group_size == 0
+            and scales_and_zeros.dtype == _BF16 and scales_and_zeros.shape == (K // group_size, rows, 2)
+            and not torch.compiler.is_compiling() and _usable(packed, scales_and_zeros, out)):
+        return _DEQUANTIZE_INT4_T(packed, scales_and_zeros, start, out, group_size)
     return None
 
 
