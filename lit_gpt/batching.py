@@ -10,12 +10,14 @@ costs little more than a step for one. The `Engine` owns the model and a KV cach
 3. one decode step for every slot at once, each row at its own position in the cache; every row samples
    with its own settings and generator, and a finished (or cancelled) row frees its slot at once.
 
-Every decode step runs all `max_batch_size` rows (idle ones on a dummy token), so the shapes never change:
-a row's numbers then do not depend on which other requests share the step, and a request gets the same
-tokens whether it is served alone or among others.
+A decode step runs the cache rows from the first to the last busy one (idle rows among them on a dummy
+token). A row's numbers do not depend on what the other rows hold; the batch's size changes which matrix
+kernel runs (one row: the decode kernels of lit_gpt/gemv.py), which moves float32 logits by ~1e-6 and
+bf16 ones by their last bit.
 """
 
 import itertools
+import traceback
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -45,7 +47,8 @@ class Request:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
-    # called from the engine's thread with (text released now, finish reason or None)
+    # called from the engine's thread with (text released now, finish reason or None); the reason "error" means
+    # the engine failed on it (the traceback went to stderr)
     on_text: Callable[[str, Optional[str]], None] = lambda text, finish: None
     id: int = field(default_factory=itertools.count().__next__)
     completion: Optional[Completion] = None
@@ -139,17 +142,33 @@ class Engine:
     @torch.inference_mode()
     def _run(self) -> None:
         while not self.stopping:
-            self._drop_cancelled()
-            self._admit()
-            prefilling = [i for i, s in enumerate(self.slots) if s is not None and s.fed < len(s.request.ids)]
-            decoding = [i for i, s in enumerate(self.slots) if s is not None and s.fed == len(s.request.ids)]
-            if prefilling:
-                self._prefill_chunk(prefilling[0])
-            if decoding:
-                self._decode_step(decoding)
-            if not prefilling and not decoding:
-                self.wake.wait(timeout=0.1)
-                self.wake.clear()
+            try:
+                self._turn()
+            except Exception:  # a bug or out of memory: fail what is in flight, say why, and keep serving
+                traceback.print_exc()
+                self._fail_all()
+
+    def _turn(self) -> None:
+        """One turn of the loop: drop cancelled requests, admit waiting ones, one prefill chunk, one decode step."""
+        self._drop_cancelled()
+        self._admit()
+        prefilling = [i for i, s in enumerate(self.slots) if s is not None and s.fed < len(s.request.ids)]
+        decoding = [i for i, s in enumerate(self.slots) if s is not None and s.fed == len(s.request.ids)]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        if decoding:
+            self._decode_step(decoding)
+        if not prefilling and not decoding:
+            self.wake.wait(timeout=0.1)
+            self.wake.clear()
+
+    def _fail_all(self) -> None:
+        for i, slot in enumerate(self.slots):
+            if slot is not None:
+                self.slots[i] = None
+                slot.request.on_text("", "error")
+        while not self.waiting.empty():
+            self.waiting.get_nowait().on_text("", "error")
 
     def _drop_cancelled(self) -> None:
         for i, slot in enumerate(self.slots):
@@ -186,18 +205,23 @@ class Engine:
             self._take(i, self._sample(slot, logits[0, -1]))
 
     def _decode_step(self, rows: list[int]) -> None:
-        """One step for every slot (idle ones on a dummy token), each row at its own position.
+        """One step for the cache rows 0 .. the last decoding one, each row at its own position (slots are taken
+        lowest first, so these are mostly the busy ones; one request alone decodes as a batch of one).
 
-        A row that is not decoding writes its dummy key and value where nothing it holds is overwritten: an empty
-        row at 0, a row whose prompt is being prefilled at the first position its next chunk writes."""
-        tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.int64, device=self.device)
-        positions = torch.zeros(self.max_batch_size, 1, dtype=torch.int64, device=self.device)
-        for i, slot in enumerate(self.slots):
+        A row in that range that is not decoding runs on a dummy token, written where it overwrites nothing: an
+        empty row at 0, a row whose prompt is being prefilled at the first position its next chunk writes."""
+        n = max(rows) + 1
+        tokens = torch.zeros(n, 1, dtype=torch.int64, device=self.device)
+        positions = torch.zeros(n, 1, dtype=torch.int64, device=self.device)
+        for i, slot in enumerate(self.slots[:n]):
             if i in rows:
                 tokens[i, 0], positions[i, 0] = slot.token, slot.position
             elif slot is not None:
                 positions[i, 0] = slot.fed
-        logits = self.decode_forward(tokens, positions)
+        if n == 1:  # one row: its cache row alone, through the one-row attention kernel
+            logits = self.model(tokens, positions[0], row=0)
+        else:
+            logits = self.decode_forward(tokens, positions)
         for i in rows:
             slot = self.slots[i]
             slot.position += 1

@@ -123,7 +123,7 @@ class GPT(nn.Module):
         attend to everything cached before them (prefill of a prompt or of a new chat turn, decode).
         With `row`, idx is (1, T) and only that row of the cache is written and read (a server's prefill of one
         request while the other rows hold theirs). With `input_pos` of shape (B, 1): one decode step in which each
-        row is at its own position (continuous batching, lit_gpt/batching.py).
+        of the cache's first B rows is at its own position (continuous batching, lit_gpt/batching.py).
         """
         if input_pos is not None and input_pos.dim() == 2 and (input_pos.size(1) != 1 or row is not None):
             raise ValueError(f"per-row positions are for one-token decode steps over every row: got input_pos of "
@@ -391,12 +391,14 @@ class KVCache(nn.Module):
                row: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys and values (B, n_query_groups, T, head_size) at the T positions `input_pos`, or each row's one
         at its own position (input_pos (B, 1)); return the whole cache. With `row`, k and v are one sequence's
-        (B = 1), written into and returned from that row of the cache."""
-        if input_pos.dim() == 2:
-            rows = torch.arange(k.size(0), device=k.device)
+        (B = 1), written into and returned from that row of the cache. Per-row positions may cover the first B rows
+        of the cache only (a server's step over its busy rows)."""
+        if input_pos.dim() == 2:  # rows 0 .. B - 1 of the cache, B <= its batch size
+            B = k.size(0)
+            rows = torch.arange(B, device=k.device)
             self.k[rows, :, input_pos[:, 0]] = k[:, :, 0].to(self.k.dtype)
             self.v[rows, :, input_pos[:, 0]] = v[:, :, 0].to(self.v.dtype)
-            return self.k, self.v
+            return self.k[:B], self.v[:B]
         keys, values = (self.k, self.v) if row is None else (self.k[row:row + 1], self.v[row:row + 1])
         keys.index_copy_(2, input_pos, k.to(keys.dtype))
         values.index_copy_(2, input_pos, v.to(values.dtype))

@@ -108,6 +108,8 @@ class Service:
                     text.append(delta)
                     if on_delta is not None:
                         await on_delta(delta)
+                if finish == "error":
+                    raise APIError(500, "the server failed on this request; its log says why", type="server_error")
                 if finish is not None:
                     return "".join(text)
         except BaseException:

@@ -3,6 +3,7 @@ the KV cache, and decode steps in which every row is at its own position. Each s
 gets alone, whatever the other rows hold."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -87,8 +88,6 @@ def demo(demo_checkpoint):
 
 def run(engine: Engine, requests: list[Request], stagger: float = 0.0) -> list[str]:
     """Submit the requests (`stagger` seconds apart) and wait for each one's text."""
-    import time
-
     texts = {r.id: [] for r in requests}
     done = {r.id: threading.Event() for r in requests}
 
@@ -175,3 +174,35 @@ def test_serving_context():
     assert phi35.longrope and serving_context(phi35) == phi35.rope_original_max_seq_len == 4096
     with pytest.raises(InvalidArgument, match="a longrope model is served up to its original_max_position_embeddings"):
         serving_context(phi35, 8192)
+
+
+def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_goes_on(demo, capfd):
+    """A fault in a step (injected: out of memory) ends the requests in flight with "error", the traceback on
+    stderr; the next request is served."""
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, max_batch_size=2, max_seq_length=128)
+    real = model.forward
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected: out of memory")
+        return real(*args, **kwargs)
+
+    ids = tokenizer.encode(PROMPTS[0]).tolist()
+    finishes = []
+    request = Request(ids, 10, temperature=0, on_text=lambda text, finish: finish and finishes.append(finish))
+    model.forward = failing
+    engine.start()
+    try:
+        engine.submit(request)
+        deadline = time.monotonic() + 60
+        while not finishes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert finishes == ["error"] and "injected: out of memory" in capfd.readouterr().err
+        del model.forward
+        assert run(engine, [Request(ids, 5, temperature=0)])[0]
+    finally:
+        model.__dict__.pop("forward", None)
+        engine.stop()
