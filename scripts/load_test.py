@@ -63,6 +63,8 @@ async def run_load(base_url: str, model: Optional[str], clients: int, requests: 
 
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=time_limit)
     model = model or (await client.models.list()).data[0].id
+    # one request first, not counted: the first forward reads memory-mapped weights from disk, and lazy setup runs
+    await one_request(client, model, PROMPTS[0], max_tokens, {"ttft": [], "stream_tps": [], "tokens": 0, "errors": []})
     stats = {"ttft": [], "stream_tps": [], "tokens": 0, "errors": []}
     t0 = time.perf_counter()
     deadline = t0 + time_limit
@@ -99,7 +101,8 @@ def main(
     """Run the same load against each server, one after the other, and print a table.
 
     Each of --clients concurrent clients sends --requests streaming completion requests in turn (greedy,
-    --max_tokens each, short code prompts), until done or --time_limit seconds have passed. Per server:
+    --max_tokens each, short code prompts), until done or --time_limit seconds have passed; one request before
+    them warms the server up and is not counted. Per server:
     p50 and p99 time to first token, the median tokens/s of a stream after its first token, the aggregate
     tokens/s over the whole run, and the number of errors (a 429, a dropped connection).
 
