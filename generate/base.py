@@ -42,8 +42,11 @@ def main(
         max_new_tokens: Most tokens to generate per sample; prompt + new tokens must fit the model's context.
         seed: Seed of the sampling generator; a fixed seed reproduces a run (null: a fresh random seed).
         prompt_style: How to frame the prompt: raw (as it is, stop only at eos), phi-2 ("Instruct: ...\\nOutput:"),
-            phi-2-chat ("Alice: ...\\nBob:"), phi-1_5 or phi-1 ("...\\n\\nAnswer:"). A style also stops at the
-            start of a new turn ("Instruct:", "Alice:", ...), which is never printed.
+            phi-2-chat ("Alice: ...\\nBob:"), phi-1_5 or phi-1 ("...\\n\\nAnswer:"), or the chat templates of
+            phi-3 (Phi-3 and Phi-3.5: "<|user|>\\n...<|end|>\\n<|assistant|>\\n"), phi-4-mini
+            ("<|user|>...<|end|><|assistant|>") and phi-4 ("<|im_start|>user<|im_sep|>...<|im_end|>
+            <|im_start|>assistant<|im_sep|>"). A style also stops at the
+            start of a new turn ("Instruct:", "Alice:", ...) or at its end-of-turn token, never printed.
         escapes: Interpret \\n, \\t and \\\\ in --prompt (false: take the prompt literally).
     """
     if num_samples < 1:
