@@ -2,7 +2,10 @@
 
 The text is what a model trained with pretrain/ never saw: the validation files named in its training.json,
 tokenized as training did (eos after each file) and cut into non-overlapping windows of the model's context.
-Every window is one full forward; a quantized mode is also compared with bf16 token by token (top-1 agreement).
+Every window is one full forward (as a prefill computes), or with `decode` one KV-cached step per token (as
+generation computes: one row at a time, which on CPU goes through the decode kernels; for int8/int4 these round
+the activations to 8 bits per block of 32). A quantized mode is also compared with bf16 token by token (top-1
+agreement).
 """
 
 import json
@@ -79,10 +82,34 @@ def score(model, tokens: torch.Tensor, block_size: int, batch_size: int = 8) -> 
             "predicted": torch.cat(predictions)}
 
 
+@torch.inference_mode()
+def score_decode(model, tokens: torch.Tensor, block_size: int) -> dict:
+    """As `score`, but each window is fed one token at a time through the KV cache, as a decode step computes it."""
+    offsets = data.val_offsets(len(tokens), block_size)
+    if not offsets:
+        raise UserError(f"the text holds {len(tokens)} tokens, fewer than one window of {block_size + 1}")
+    device = model.lm_head.weight.device
+    model.set_kv_cache(1, max_seq_length=block_size)
+    loss_sum, correct, predictions = 0.0, 0, []
+    for o in offsets:
+        row = tokens[o:o + block_size + 1].to(device)
+        logits = torch.cat([model(row[t:t + 1].view(1, 1), torch.tensor([t], device=device))[0].float()
+                            for t in range(block_size)])  # the cache is overwritten from position 0 each window
+        loss_sum += float(F.cross_entropy(logits, row[1:], reduction="sum"))
+        predicted = logits.argmax(dim=-1)
+        correct += int((predicted == row[1:]).sum())
+        predictions.append(predicted.cpu())
+    model.clear_kv_cache()
+    n = len(offsets) * block_size
+    return {"loss": loss_sum / n, "ppl": math.exp(loss_sum / n), "top1": correct / n, "tokens": n,
+            "predicted": torch.cat(predictions)}
+
+
 def evaluate(checkpoint_dir: Path, modes: Sequence[WeightMode], tokens: torch.Tensor, group_sizes: Sequence[int] = (32,),
-             batch_size: int = 8) -> list[dict]:
+             batch_size: int = 8, decode: bool = False) -> list[dict]:
     """Score the checkpoint in each mode (int4 once per group size); quantized and fp32 rows also get their
-    top-1 agreement with the bf16 row (bf16 is scored first whenever another mode is asked for)."""
+    top-1 agreement with the bf16 row (bf16 is scored first whenever another mode is asked for). With `decode`,
+    token by token through the KV cache (`score_decode`)."""
     from lit_gpt.load import load_model
 
     runs = [(m, g) for m in modes for g in (group_sizes if m == "int4" else (None,))]
@@ -94,7 +121,10 @@ def evaluate(checkpoint_dir: Path, modes: Sequence[WeightMode], tokens: torch.Te
         dtype = torch.float32 if mode == "fp32" else torch.bfloat16
         quantize = mode if mode in ("int8", "int4") else None
         model = load_model(checkpoint_dir, "cpu", dtype, quantize=quantize, group_size=group or 32, use_saved=False)
-        result = score(model, tokens, model.config.block_size, batch_size)
+        if decode:
+            result = score_decode(model, tokens, model.config.block_size)
+        else:
+            result = score(model, tokens, model.config.block_size, batch_size)
         predicted = result.pop("predicted")
         if mode == "bf16":
             reference = predicted
@@ -106,8 +136,9 @@ def evaluate(checkpoint_dir: Path, modes: Sequence[WeightMode], tokens: torch.Te
 
 def print_table(rows: list[dict], about: dict) -> None:
     bf16 = next((r for r in rows if r["mode"] == "bf16"), None)
+    how = ", token by token through the KV cache" if about.get("decode") else ""
     print(f"\n{about['tokens']:,} held-out tokens in {about['files']} files, scored in windows of the model's "
-          f"context ({rows[0]['tokens']:,} predictions)\n")
+          f"context{how} ({rows[0]['tokens']:,} predictions)\n")
     print("| mode | loss | perplexity | vs bf16 | top-1 accuracy | top-1 agreement with bf16 |\n|---|---|---|---|---|---|")
     for r in rows:
         versus = f"{100 * (r['ppl'] / bf16['ppl'] - 1):+.2f}%" if bf16 and r is not bf16 else "-"

@@ -22,6 +22,7 @@ def main(
     files: Optional[list[Path]] = None,
     max_tokens: Optional[int] = None,
     batch_size: int = 8,
+    decode: bool = False,
 ) -> None:
     """Score held-out text with the checkpoint in each mode and print a table (loss, perplexity, change of
     perplexity against bf16, top-1 next-token accuracy, top-1 agreement with bf16).
@@ -37,6 +38,9 @@ def main(
         files: Score these text files instead of the held-out files.
         max_tokens: Score only the first N tokens of the text.
         batch_size: Windows per forward pass.
+        decode: Feed each window one token at a time through the KV cache, as generation does (on CPU through the
+            decode kernels, whose int8/int4 products round the activations to 8 bits per block of 32), instead of
+            one forward per batch of windows (as a prefill computes). Slower: use with --max_tokens.
     """
     if batch_size < 1:
         raise InvalidArgument("batch_size", f"must be >= 1, got {batch_size}")
@@ -50,7 +54,8 @@ def main(
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
         about["tokens"] = len(tokens)
-    print_table(evaluate(checkpoint_dir, modes, tokens, group_sizes, batch_size), about)
+    about["decode"] = decode
+    print_table(evaluate(checkpoint_dir, modes, tokens, group_sizes, batch_size, decode), about)
 
 
 if __name__ == "__main__":

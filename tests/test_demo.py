@@ -96,6 +96,23 @@ def test_quantized_quality_on_held_out_files(demo):
 
 
 @pytest.mark.slow
+def test_quantized_decode_quality_on_held_out_files(demo_checkpoint):
+    """Token by token through the KV cache, as generation computes: the int8/int4 decode kernels round the
+    activations to 8 bits per block of 32 as well (on CPUs where they build; elsewhere PyTorch's kernels)."""
+    from lit_gpt.evaluate import evaluate, file_tokens
+
+    record = json.loads((demo_checkpoint / "training.json").read_text())
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [stdlib / name for name in record["data"]["val_files"] if (stdlib / name).is_file()][:12]
+    tokens, _ = file_tokens(demo_checkpoint, files)
+    rows = {r["mode"]: r for r in evaluate(demo_checkpoint, ["bf16", "int8", "int4"], tokens[:6_000], decode=True)}
+    bf16 = rows["bf16"]
+    assert bf16["tokens"] >= 5_000 and bf16["ppl"] < 30 and bf16["top1"] > 0.35
+    assert rows["int8"]["ppl"] / bf16["ppl"] - 1 < 0.005 and rows["int8"]["agreement"] > 0.95
+    assert rows["int4 g32"]["ppl"] / bf16["ppl"] - 1 < 0.05 and rows["int4 g32"]["agreement"] > 0.85
+
+
+@pytest.mark.slow
 def test_readme_quick_start_prints_the_readme_sample(tmp_path):
     """The quick start's run command, in a copy of the project with no converted files and no network."""
     readme = (ROOT / "README.md").read_text()
