@@ -264,9 +264,9 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const q8
         __m512 dot[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         float x_sum = 0.0f;
         for (int64_t b = g * group / XBLOCK; b < (g + 1) * group / XBLOCK; b++) {
-            __m512i d[4];  // rows 0..15, 16..31, 32..47, 48..63
-            for (int i = 0; i < 4; i++) d[i] = _mm512_setzero_si512();
-            for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4) {
+            __m512i d[4], e[4];  // rows 0..15, 16..31, 32..47, 48..63; two chains each (even/odd steps)
+            for (int i = 0; i < 4; i++) d[i] = e[i] = _mm512_setzero_si512();
+            for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 8) {
                 __m512i c01 = _mm512_loadu_si512(w + k * 32), c23 = _mm512_loadu_si512(w + k * 32 + 64);
                 __m512i a = _mm512_permutex2var_epi8(c01, first, c23), bb = _mm512_permutex2var_epi8(c01, second, c23);
                 __m512i xv = _mm512_set1_epi32((int)xq[k / 4]);
@@ -274,7 +274,15 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const q8
                 d[1] = _mm512_dpbusd_epi32(d[1], _mm512_and_si512(bb, nibble), xv);
                 d[2] = _mm512_dpbusd_epi32(d[2], _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble), xv);
                 d[3] = _mm512_dpbusd_epi32(d[3], _mm512_and_si512(_mm512_srli_epi16(bb, 4), nibble), xv);
+                __m512i c45 = _mm512_loadu_si512(w + k * 32 + 128), c67 = _mm512_loadu_si512(w + k * 32 + 192);
+                __m512i a2 = _mm512_permutex2var_epi8(c45, first, c67), b2 = _mm512_permutex2var_epi8(c45, second, c67);
+                __m512i xv2 = _mm512_set1_epi32((int)xq[k / 4 + 1]);
+                e[0] = _mm512_dpbusd_epi32(e[0], _mm512_and_si512(a2, nibble), xv2);
+                e[1] = _mm512_dpbusd_epi32(e[1], _mm512_and_si512(b2, nibble), xv2);
+                e[2] = _mm512_dpbusd_epi32(e[2], _mm512_and_si512(_mm512_srli_epi16(a2, 4), nibble), xv2);
+                e[3] = _mm512_dpbusd_epi32(e[3], _mm512_and_si512(_mm512_srli_epi16(b2, 4), nibble), xv2);
             }
+            for (int i = 0; i < 4; i++) d[i] = _mm512_add_epi32(d[i], e[i]);
             __m512 step = _mm512_set1_ps(f->step[b]);
             for (int i = 0; i < 4; i++) dot[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), step, dot[i]);
             x_sum += f->sum[b];
