@@ -28,7 +28,7 @@ COMMANDS = {  # NeedsStep.step -> the command that does it
 
 def hub_repo_id(checkpoint_dir: Path) -> str:
     """checkpoints/<org>/<name> -> "<org>/<name>" (what the download script takes)."""
-    parts = Path(checkpoint_dir).resolve().parts
+    parts = [p for p in Path(checkpoint_dir).resolve().parts if p != "/"]
     return "/".join(parts[-2:]) if len(parts) >= 2 else "<org>/<name>"
 
 
