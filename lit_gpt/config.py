@@ -223,14 +223,7 @@ def _from_phi_keys(hf: dict, path: Path) -> tuple[dict, Any]:
     n_groups = _hf_number(hf, "num_key_value_heads", path, n_head)
     _check_heads(path, n_head, "num_attention_heads", n_groups, "num_key_value_heads")
     rope = hf.get("rope_parameters") or {}  # transformers 5 moved the rotary keys there
-    if not isinstance(rope, dict):
-        raise UserError(f"{path}: rope_parameters is {_shown(rope)}, not an object")
-    rotary = _hf_number(rope, "partial_rotary_factor", path,
-                        _hf_number(hf, "partial_rotary_factor", path, 0.5, integer=False), integer=False)
-    if rotary > 1:
-        raise UserError(f"{path}: partial_rotary_factor is {rotary}, more than 1 (the whole head)")
-    theta = _hf_number(rope, "rope_theta", path, _hf_number(hf, "rope_theta", path, 10000, integer=False),
-                       integer=False)
+    rotary, theta = _rotary_keys(hf, rope, path, default_rotary=0.5)
     kw = dict(
         n_embd=n_embd, n_head=n_head, n_layer=_hf_number(hf, "num_hidden_layers", path), n_query_groups=n_groups,
         intermediate_size=_hf_number(hf, "intermediate_size", path, 4 * n_embd),
@@ -252,14 +245,7 @@ def _from_phi3_keys(hf: dict, path: Path) -> tuple[dict, Any]:
     n_groups = _hf_number(hf, "num_key_value_heads", path, n_head)
     _check_heads(path, n_head, "num_attention_heads", n_groups, "num_key_value_heads")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise UserError(f"{path}: rope_parameters is {_shown(rope)}, not an object")
-    rotary = _hf_number(rope, "partial_rotary_factor", path,
-                        _hf_number(hf, "partial_rotary_factor", path, 1.0, integer=False), integer=False)
-    if rotary > 1:
-        raise UserError(f"{path}: partial_rotary_factor is {rotary}, more than 1 (the whole head)")
-    theta = _hf_number(rope, "rope_theta", path, _hf_number(hf, "rope_theta", path, 10000, integer=False),
-                       integer=False)
+    rotary, theta = _rotary_keys(hf, rope, path, default_rotary=1.0)
     block_size = _hf_number(hf, "max_position_embeddings", path, 4096)
     window = _hf_number(hf, "sliding_window", path, None)
     kw = dict(
@@ -275,6 +261,20 @@ def _from_phi3_keys(hf: dict, path: Path) -> tuple[dict, Any]:
     )
     kw["vocab_size"] = kw["padded_vocab_size"]
     return kw, hf.get("hidden_act", "silu")
+
+
+def _rotary_keys(hf: dict, rope: Any, path: Path, default_rotary: float) -> tuple[float, float]:
+    """partial_rotary_factor and rope_theta (checked), from the rope parameters object (transformers 5) or else the
+    top level of config.json."""
+    if not isinstance(rope, dict):
+        raise UserError(f"{path}: rope_parameters is {_shown(rope)}, not an object")
+    rotary = _hf_number(rope, "partial_rotary_factor", path,
+                        _hf_number(hf, "partial_rotary_factor", path, default_rotary, integer=False), integer=False)
+    if rotary > 1:
+        raise UserError(f"{path}: partial_rotary_factor is {rotary}, more than 1 (the whole head)")
+    theta = _hf_number(rope, "rope_theta", path, _hf_number(hf, "rope_theta", path, 10000, integer=False),
+                       integer=False)
+    return rotary, theta
 
 
 def _longrope_keys(rope: dict, hf: dict, path: Path) -> dict:

@@ -424,12 +424,7 @@ def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 5
     return {
         "architectures": ["PhiForCausalLM"],
         "model_type": "phi",
-        "vocab_size": config.padded_vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_query_groups,
+        **_shape_keys(config),
         "max_position_embeddings": config.block_size,
         "partial_rotary_factor": config.rotary_percentage,
         "rope_theta": float(config.rope_base),
@@ -440,6 +435,18 @@ def hf_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int] = 5
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _shape_keys(config: Config) -> dict:
+    """The config.json keys of the model's shape, which both families spell alike."""
+    return {
+        "vocab_size": config.padded_vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
     }
 
 
@@ -454,12 +461,7 @@ def _phi3_config_dict(config: Config, dtype: torch.dtype, bos_id: Optional[int],
     return {
         "architectures": ["Phi3ForCausalLM"],
         "model_type": "phi3",
-        "vocab_size": config.padded_vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_query_groups,
+        **_shape_keys(config),
         **head_dim,
         "max_position_embeddings": config.block_size,
         "original_max_position_embeddings": config.rope_original_max_seq_len or config.block_size,

@@ -2,7 +2,6 @@
 them, and the fallback to PyTorch's kernels where they cannot be built."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_checks import Spy, needs_kernels
 from lit_gpt import gemv, quantize
 from lit_gpt.model import Linear
 from lit_gpt.quantize import Int4Linear, Int8Linear
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILDABLE = gemv._cpu_has_flags() and shutil.which(os.environ.get("CC", "cc")) is not None
-needs_kernels = pytest.mark.skipif(not BUILDABLE, reason="needs a CPU with AVX-512 BF16/VNNI/VBMI and a C compiler")
 
 
 def _bf16_linear(in_features: int, out_features: int, bias: bool = True) -> Linear:
@@ -39,21 +37,6 @@ def _assert_close(y: torch.Tensor, ref: torch.Tensor) -> None:
     # fp32 accumulation, one rounding to bf16 at the end: within a couple of bf16 steps of the output's scale
     err = (y.float() - ref).abs().max().item()
     assert err <= 8e-3 * max(ref.abs().max().item(), 1e-3), (err, ref.abs().max().item())
-
-
-class Spy:
-    """Counts the calls to a gemv function that the kernels took (returned a result, not None), passing them
-    through to the real one."""
-
-    def __init__(self, monkeypatch, name: str) -> None:
-        self.calls, real = 0, getattr(gemv, name)
-
-        def spy(*args, **kwargs):
-            result = real(*args, **kwargs)
-            self.calls += result is not None
-            return result
-
-        monkeypatch.setattr(gemv, name, spy)
 
 
 @needs_kernels

@@ -5,8 +5,6 @@ KV cache, and the CPU kernels, quantization and compilation on the new block."""
 
 import json
 import math
-import os
-import shutil
 import warnings
 from dataclasses import replace
 
@@ -15,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_checkpoints import hf_state_dict, hub_phi3_config_json, make_hf_checkpoint, save_weights, tiny_phi3_config
+from kernel_checks import BUILDABLE, Spy, needs_kernels
 from lit_gpt import gemv
 from lit_gpt.config import PHI_MODEL_TYPES, Config, configs
 from lit_gpt.convert import convert_hf_checkpoint, convert_lit_checkpoint
@@ -23,8 +22,6 @@ from lit_gpt.load import load_model
 from lit_gpt.model import GPT
 from lit_gpt.utils import UserError
 
-BUILDABLE = gemv._cpu_has_flags() and shutil.which(os.environ.get("CC", "cc")) is not None
-needs_kernels = pytest.mark.skipif(not BUILDABLE, reason="needs a CPU with AVX-512 BF16/VNNI/VBMI and a C compiler")
 ORIGINAL = 16  # original_max_position_embeddings of the longrope configs (their context: 64)
 
 # tiny_phi3_config's arguments. Head sizes 16 and 32; rotary dims 12, 8, 16 and 32; the window shorter than the
@@ -336,20 +333,6 @@ def _decode(model: GPT, idx: torch.Tensor, prefill: int = 5, cache: int = 48) ->
         steps += [model(idx[:, i:i + 1], torch.tensor([i]))[:, -1] for i in range(prefill, idx.size(1))]
     caches = [t.clone() for b in model.transformer.h for t in (b.attn.kv_cache.k, b.attn.kv_cache.v)]
     return torch.stack(steps, dim=1), caches
-
-
-class Spy:
-    """Counts the calls to a gemv operation that the kernels took."""
-
-    def __init__(self, monkeypatch, name: str) -> None:
-        self.calls, real = 0, getattr(gemv, name)
-
-        def spy(*args, **kwargs):
-            result = real(*args, **kwargs)
-            self.calls += result is not None
-            return result
-
-        monkeypatch.setattr(gemv, name, spy)
 
 
 @needs_kernels
