@@ -78,8 +78,60 @@ static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, co
     for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 }
 
-// y[n] = bias[n] + sum_k w[n, k] x[k]; all bf16, bias may be NULL.
-void gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K) {
+// ---- bf16 weights times a few rows (2 .. FEW_ROWS: a decode step of a batch of sequences) -------------------
+//
+// Each weight vector loaded serves every row, so M rows cost about one read of the weights, like one row, plus
+// M times the arithmetic: R weight rows per pass (R x M accumulators in registers) share each activation load.
+// The activation rows (M x K bf16, up to 300 KB for 10240-wide rows) stay in the L1/L2 caches.
+
+#define FEW_ROWS 15
+// Here the hardware prefetcher alone left memory idle while the rows computed: the weights are asked for
+// this many columns (1 KB) ahead of their use.
+#define PREFETCH_AHEAD 512
+
+static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t *w, const uint16_t *x, int64_t K,
+                                                                const int R, const int M, float *out) {
+    __m512 a[4][FEW_ROWS];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 16
+        for (int m = 0; m < M; m++) a[r][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        __mmask32 mask = _cvtu32_mask32(K - k >= 32 ? 0xFFFFFFFFu : (1u << (K - k)) - 1u);
+        __m512bh wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(w + r * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
+            wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+        }
+#pragma GCC unroll 16
+        for (int m = 0; m < M; m++) {
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) a[r][m] = _mm512_dpbf16_ps(a[r][m], wv[r], xv);
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; r++)
+#pragma GCC unroll 16
+        for (int m = 0; m < M; m++) out[r * M + m] = _mm512_reduce_add_ps(a[r][m]);
+}
+
+static inline int rows_per_pass(int M) { return M <= 6 ? 4 : M <= 8 ? 3 : M <= 12 ? 2 : 1; }  // <= 24 accumulators
+
+// out[r * M + m] for the R = rows_per_pass(M) weight rows at w (R = 1 where full is 0); one case per M, so that
+// each has its accumulators in registers
+static void pass_bf16(const uint16_t *w, const uint16_t *x, int64_t K, int M, int full, float *out) {
+#define PASS_CASE(m) case m: dot_bf16_rows(w, x, K, full ? rows_per_pass(m) : 1, m, out); break;
+    switch (M) {
+        PASS_CASE(2) PASS_CASE(3) PASS_CASE(4) PASS_CASE(5) PASS_CASE(6) PASS_CASE(7) PASS_CASE(8)
+        PASS_CASE(9) PASS_CASE(10) PASS_CASE(11) PASS_CASE(12) PASS_CASE(13) PASS_CASE(14) PASS_CASE(15)
+    }
+#undef PASS_CASE
+}
+
+// one row: y[n] = bias[n] + sum_k w[n, k] x[k]
+static void gemv_bf16_one(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K) {
     int R = 4 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 2 + 2 bytes per column
 #pragma omp parallel for schedule(dynamic, chunk_of(R * K * 2))
     for (int64_t n = 0; n < N; n += R) {
@@ -91,6 +143,32 @@ void gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint1
             for (int r = 0; r < rows; r++) dot_bf16(w + (n + r) * K, x, K, 1, out + r);
         for (int r = 0; r < rows; r++) y[n + r] = f32_to_bf16(out[r] + bias_at(bias, n + r));
     }
+}
+
+// 2 <= M <= FEW_ROWS rows
+static void gemv_bf16_few(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K,
+                   int64_t M) {
+    const int R = rows_per_pass((int)M);
+#pragma omp parallel for schedule(dynamic, chunk_of(R * K * 2))
+    for (int64_t n = 0; n < N; n += R) {
+        float out[4 * FEW_ROWS];
+        int rows = N - n < R ? (int)(N - n) : R;
+        if (rows == R)
+            pass_bf16(w + n * K, x, K, (int)M, 1, out);
+        else
+            for (int r = 0; r < rows; r++) pass_bf16(w + (n + r) * K, x, K, (int)M, 0, out + r * M);
+        for (int r = 0; r < rows; r++)
+            for (int m = 0; m < M; m++) y[m * N + n + r] = f32_to_bf16(out[r * M + m] + bias_at(bias, n + r));
+    }
+}
+
+// y (M, N) = x (M, K) w^T + bias (bias[n] added to every row, or NULL), all bf16, 1 <= M <= FEW_ROWS
+void gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K,
+               int64_t M) {
+    if (M == 1)
+        gemv_bf16_one(w, x, bias, y, N, K);
+    else
+        gemv_bf16_few(w, x, bias, y, N, K, M);
 }
 
 // ---- the activation row in 8 bits per block of 32, for the integer dot products of the int8/int4 kernels ---
@@ -458,27 +536,43 @@ static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *v
     }
 }
 
-// q: (B, n_head, hs); k, v: (B, n_groups, S, hs), of which positions 0 .. L-1 are attended; y: (B, n_head, hs).
+// The positions a query at position p sees: start .. p, start = 0, or with a sliding window (window > 0) the
+// first of the last `window` positions.
+static inline int64_t window_start(int64_t p, int64_t window) {
+    return window > 0 && p + 1 > window ? p + 1 - window : 0;
+}
+
+// q: (B, n_head, hs); k, v: (B, n_groups, S, hs); y: (B, n_head, hs). Sequence b's query sits at position
+// pos[b] (per_row) or pos[0] (every sequence at the same one) and attends to the cached positions up to it.
 // Query heads share key/value heads in consecutive runs of n_head / n_groups (grouped-query attention).
-int attend_one(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B, int64_t n_head,
-               int64_t n_groups, int64_t S, int64_t L, int64_t hs, float scale) {
-    int64_t q_per_kv = n_head / n_groups;
+static int attend_rows(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B,
+                       int64_t n_head, int64_t n_groups, int64_t S, const int64_t *pos, int per_row, int64_t window,
+                       int64_t hs, float scale) {
+    int64_t q_per_kv = n_head / n_groups, longest = 0;
+    for (int64_t b = 0; b < (per_row ? B : 1); b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     int failed = 0;
 #pragma omp parallel
     {
-        float *s = malloc((L + 16) * sizeof(float));  // each thread's scores, for all its heads
+        float *s = malloc((longest + 16) * sizeof(float));  // each thread's scores, for all its heads
         if (!s) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * n_head; bh++) {
-            int64_t kv = bh / q_per_kv * S * hs;  // (sequence, key/value head) bh / q_per_kv
-            if (s) attend_head(q + bh * hs, k + kv, v + kv, y + bh * hs, L, hs, scale, s);
+            int64_t p = pos[per_row ? bh / n_head : 0], start = window_start(p, window);
+            int64_t kv = (bh / q_per_kv * S + start) * hs;  // (sequence, key/value head) bh / q_per_kv
+            if (s) attend_head(q + bh * hs, k + kv, v + kv, y + bh * hs, p + 1 - start, hs, scale, s);
         }
         free(s);
     }
     return failed ? OUT_OF_MEMORY : 0;
+}
+
+// every sequence's query at position pos (already checked to lie in the cache)
+int attend_one(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *y, int64_t B, int64_t n_head,
+               int64_t n_groups, int64_t S, int64_t pos, int64_t window, int64_t hs, float scale) {
+    return attend_rows(q, k, v, y, B, n_head, n_groups, S, &pos, 0, window, hs, scale);
 }
 
 // ---- the whole attention of a decode step: rotary embedding, cache write, attention -----------------------
@@ -499,23 +593,29 @@ static void rope_bf16(const uint16_t *x, const float *cos, const float *sin, uin
     memmove(out + n_elem, x + n_elem, (hs - n_elem) * sizeof(uint16_t));
 }
 
+#define OUT_OF_CACHE (-2)
+
 // qkv: (B, n_groups, q_per_kv + 2, hs), each group's query heads, then its key and value (the model's fused
-// layout); cos, sin: n_elem floats for position pos; k, v: the cache (B, n_groups, S, hs), written at pos;
-// y: (B, n_head, hs), attending to positions start .. pos (start > 0: a sliding window).
+// layout); sequence b's new token sits at position pos[b] (per_row; else pos[0] for all), its cos and sin in row
+// b (else row 0) of cos, sin (n_elem floats a row); k, v: the cache (B, n_groups, S, hs), written there;
+// y: (B, n_head, hs). OUT_OF_CACHE, with nothing written, where a position lies outside the cache.
 int attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint16_t *k, uint16_t *v, uint16_t *y,
-                  int64_t B, int64_t n_head, int64_t n_groups, int64_t S, int64_t pos, int64_t start, int64_t hs,
-                  int64_t n_elem, float scale) {
+                  int64_t B, int64_t n_head, int64_t n_groups, int64_t S, const int64_t *pos, int64_t per_row,
+                  int64_t window, int64_t hs, int64_t n_elem, float scale) {
+    for (int64_t b = 0; b < (per_row ? B : 1); b++)
+        if (pos[b] < 0 || pos[b] >= S) return OUT_OF_CACHE;
     int64_t q_per_kv = n_head / n_groups, stride = (q_per_kv + 2) * hs;
     uint16_t *q = malloc(B * n_head * hs * sizeof(uint16_t));  // the rotated queries, (B, n_head, hs)
     if (!q) return OUT_OF_MEMORY;
     for (int64_t bg = 0; bg < B * n_groups; bg++) {
+        int64_t b = per_row ? bg / n_groups : 0, at = (bg * S + pos[b]) * hs;
         const uint16_t *group = qkv + bg * stride;
-        for (int64_t h = 0; h < q_per_kv; h++)
-            rope_bf16(group + h * hs, cos, sin, q + (bg * q_per_kv + h) * hs, hs, n_elem);
-        rope_bf16(group + q_per_kv * hs, cos, sin, k + (bg * S + pos) * hs, hs, n_elem);
-        memcpy(v + (bg * S + pos) * hs, group + (q_per_kv + 1) * hs, hs * sizeof(uint16_t));
+        const float *c = cos + b * n_elem, *s = sin + b * n_elem;
+        for (int64_t h = 0; h < q_per_kv; h++) rope_bf16(group + h * hs, c, s, q + (bg * q_per_kv + h) * hs, hs, n_elem);
+        rope_bf16(group + q_per_kv * hs, c, s, k + at, hs, n_elem);
+        memcpy(v + at, group + (q_per_kv + 1) * hs, hs * sizeof(uint16_t));
     }
-    int status = attend_one(q, k + start * hs, v + start * hs, y, B, n_head, n_groups, S, pos + 1 - start, hs, scale);
+    int status = attend_rows(q, k, v, y, B, n_head, n_groups, S, pos, (int)per_row, window, hs, scale);
     free(q);
     return status;
 }

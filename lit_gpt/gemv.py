@@ -6,7 +6,7 @@ on these machines and its packed int8 kernel does worse; gemv.c reads each weigh
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
 One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one` and `attend_decode` return
-the result, or None where the kernels cannot take these inputs (more than one row, other dtypes or shapes,
+the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or shapes,
 autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
 inside `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
 ~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
@@ -34,6 +34,7 @@ from lit_gpt.utils import atomic_path, first_line
 SOURCE = Path(__file__).with_name("gemv.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi")
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
+FEW_ROWS = 15  # the most rows linear_bf16 takes (gemv.c's FEW_ROWS): a decode step of a batch of sequences
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
           "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}"]
 _BF16 = torch.bfloat16
@@ -151,7 +152,7 @@ def _rows_empty(x: Tensor, weight: Tensor, *_) -> Tensor:
 
 def _run_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     x, y = x.contiguous(), _rows_empty(x, weight)
-    _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape)
+    _lib.gemv_bf16(weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape, x.numel() // x.shape[-1])
     return y
 
 
@@ -195,45 +196,43 @@ def _attend_empty(q: Tensor, *_) -> Tensor:
     return torch.empty_like(q)
 
 
-def _window_start(length: int, window: int) -> int:
-    """The first cache position a query at position length - 1 sees: 0, or with a sliding window (window > 0) the
-    first of the last `window` positions."""
-    return max(0, length - window) if window > 0 else 0
-
-
 def _run_attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float, window: int) -> Tensor:
     B, n_head, _, head_size = q.shape
-    length = int(input_pos.reshape(-1)[-1]) + 1  # (checked here: under torch.compile the position is not known before)
-    if not 1 <= length <= k.shape[2]:
-        raise IndexError(f"position {length - 1} is outside the cache of {k.shape[2]} positions")
+    position = int(input_pos.reshape(-1)[-1])  # (checked here: under torch.compile the position is not known before)
+    if not 0 <= position < k.shape[2]:
+        raise IndexError(f"position {position} is outside the cache of {k.shape[2]} positions")
     q = q.contiguous()
     y = _attend_empty(q)
-    start = _window_start(length, window)  # keys and values from there: the same rows, `start` rows later
-    offset = start * head_size * k.element_size()
-    _check(_lib.attend_one(q.data_ptr(), k.data_ptr() + offset, v.data_ptr() + offset, y.data_ptr(), B, n_head,
-                           k.shape[1], k.shape[2], length - start, head_size, scale))
+    _check(_lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2],
+                           position, window, head_size, scale))
     return y
 
 
-def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, length: int, n_head: int,
+def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, n_head: int,
                        rope_n_elem: int, scale: float, window: int) -> Tensor:
     B, n_groups, S, head_size = k.shape
     y = qkv.new_empty(B, 1, n_head * head_size)
-    cos, sin = cos.float(), sin.float()  # (exact: the kernel rounds them to bf16, as the PyTorch path does)
-    _check(_lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(),
-                              B, n_head, n_groups, S, length - 1, _window_start(length, window), head_size,
-                              rope_n_elem, scale))
+    positions = input_pos.reshape(-1).to(torch.int64).contiguous()
+    # (exact: the kernel rounds cos and sin to bf16, as the PyTorch path does)
+    cos, sin = cos.reshape(-1, rope_n_elem).float().contiguous(), sin.reshape(-1, rope_n_elem).float().contiguous()
+    status = _lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                y.data_ptr(), B, n_head, n_groups, S, positions.data_ptr(), positions.numel() > 1,
+                                window, head_size, rope_n_elem, scale)
+    if status == -2:
+        raise IndexError(f"a position of {positions.tolist()} is outside the cache of {S} positions")
+    _check(status)
     return y
 
 
 _P, _I64, _F32, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-_GEMV_BF16 = _Kernel("gemv_bf16", None, (_P,) * 4 + (_I64,) * 2, _run_bf16, "linear_bf16", _rows_empty)
+_GEMV_BF16 = _Kernel("gemv_bf16", None, (_P,) * 4 + (_I64,) * 3, _run_bf16, "linear_bf16", _rows_empty)
 _GEMV_INT8 = _Kernel("gemv_int8", _STATUS, (_P,) * 5 + (_I64,) * 2, _run_int8, "linear_int8", _rows_empty)
 _GEMV_INT4 = _Kernel("gemv_int4", _STATUS, (_P,) * 5 + (_I64,) * 4, _run_int4, "linear_int4", _int4_empty)
-_ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 6 + (_F32,), _run_attend_one, "attend_one",
+_ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), _run_attend_one, "attend_one",
                       _attend_empty)
 # eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
-_ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 8 + (_F32,), _run_attend_decode)
+_ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
+                         _run_attend_decode)
 # eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
 _QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
 _DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)
@@ -264,15 +263,19 @@ def _one_row(x: Tensor, in_features: int) -> bool:
     return x.dtype == _BF16 and x.numel() == x.shape[-1] == in_features
 
 
+def _few_rows(x: Tensor, in_features: int) -> bool:
+    return x.dtype == _BF16 and x.shape[-1] == in_features and 0 < x.numel() <= FEW_ROWS * in_features
+
+
 def _bf16_vector(t: Optional[Tensor], n: int) -> bool:
     """Whether t (None: a missing bias, which is fine) holds n bf16 values."""
     return t is None or (t.dtype == _BF16 and t.numel() == n)
 
 
 def linear_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
-    """F.linear(x, weight, bias) for one bf16 row x, a bf16 weight (out_features, in_features) and bias; None
-    where the kernels cannot take these inputs."""
-    if (weight.dtype == _BF16 and weight.dim() == 2 and _one_row(x, weight.shape[1])
+    """F.linear(x, weight, bias) for bf16 x of 1 to FEW_ROWS rows (a decode step, of one sequence or a batch), a
+    bf16 weight (out_features, in_features) and bias; None where the kernels cannot take these inputs."""
+    if (weight.dtype == _BF16 and weight.dim() == 2 and _few_rows(x, weight.shape[1])
             and _bf16_vector(bias, weight.shape[0]) and _usable(x, weight, bias)):
         return _GEMV_BF16(x, weight, bias)
     return None
@@ -351,26 +354,30 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float,
     return None
 
 
-def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, length: int, n_head: int,
+def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, n_head: int,
                   rope_n_elem: int, scale: float, window: int = 0) -> Optional[Tensor]:
-    """A decode step's attention, from the fused qkv row to the heads' outputs, in one call (eager only).
+    """A decode step's attention, from the fused qkv rows to the heads' outputs, in one call (eager only).
 
     qkv: (B, 1, n_groups * (n_head / n_groups + 2) * head_size), per group its query heads, key and value;
-    cos, sin: (1, rope_n_elem) rotary tables at the new position, length - 1; k, v: a cache
-    (B, n_groups, max_seq_length, head_size), into which the new key (rotated) and value are written.
-    Returns (B, 1, n_head * head_size): attention over positions 0 .. length - 1 (with a sliding window > 0, the
-    last `window` of them), as CausalSelfAttention computes it in PyTorch (the rotary embedding rounded to bf16
-    the same way). None, with k and v untouched, where the kernels cannot take the step (under torch.compile too:
-    inductor fuses these ops itself)."""
+    input_pos: the new tokens' position, one for every sequence (one element) or each sequence's own (B elements);
+    cos, sin: the rotary tables at that position (rope_n_elem values) or at each sequence's (B rows of them);
+    k, v: a cache (B, n_groups, max_seq_length, head_size), into which the new keys (rotated) and values are
+    written. Returns (B, 1, n_head * head_size): each sequence's attention over its positions 0 .. its new one
+    (with a sliding window > 0, the last `window` of them), as CausalSelfAttention computes it in PyTorch (the
+    rotary embedding rounded to bf16 the same way). Raises IndexError for a position outside the cache. None, with
+    k and v untouched, where the kernels cannot take the step (under torch.compile too: inductor fuses these ops
+    itself)."""
     if torch.compiler.is_compiling() or qkv.dim() != 3 or k.dim() != 4:
         return None
     B, n_groups, S, head_size = k.shape
+    rows = input_pos.numel()
     if (qkv.shape[:2] == (B, 1) and qkv.dtype == k.dtype == v.dtype == _BF16 and k.shape == v.shape
             and n_head % n_groups == 0 and qkv.shape[2] == (n_head + 2 * n_groups) * head_size
-            and head_size <= MAX_HEAD_SIZE and 1 <= length <= S and 0 <= rope_n_elem <= head_size
-            and rope_n_elem % 2 == 0 and cos.is_floating_point() and sin.is_floating_point() and window >= 0
-            and cos.numel() == sin.numel() == rope_n_elem and _usable(qkv, cos, sin, k, v)):
-        return _ATTEND_DECODE(qkv, cos, sin, k, v, length, n_head, rope_n_elem, scale, window)
+            and head_size <= MAX_HEAD_SIZE and rows in (1, B) and not input_pos.is_floating_point()
+            and 0 <= rope_n_elem <= head_size and rope_n_elem % 2 == 0 and cos.is_floating_point()
+            and sin.is_floating_point() and window >= 0 and cos.numel() == sin.numel() == rows * rope_n_elem
+            and _usable(qkv, cos, sin, k, v, input_pos)):
+        return _ATTEND_DECODE(qkv, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, window)
     return None
 
 

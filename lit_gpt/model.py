@@ -269,9 +269,9 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("call model.set_kv_cache(batch_size) before decoding with input_pos")
             one_position = input_pos.dim() == 1
-            if one_position:
+            if T == 1:
                 # an eager decode step on CPU: rotary embedding, cache write and attention in one kernel call
-                y = self.kv_cache.fused_decode(qkv, cos, sin, window.length, c.n_head, c.rope_n_elem, scale,
+                y = self.kv_cache.fused_decode(qkv, cos, sin, input_pos, c.n_head, c.rope_n_elem, scale,
                                                c.sliding_window, window.row)
                 if y is not None:
                     return self.proj(y)
@@ -404,16 +404,19 @@ class KVCache(nn.Module):
         values.index_copy_(2, input_pos, v.to(values.dtype))
         return keys, values
 
-    def fused_decode(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: int, n_head: int,
-                     rope_n_elem: int, scale: float, sliding_window: Optional[int] = None,
+    def fused_decode(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                     n_head: int, rope_n_elem: int, scale: float, sliding_window: Optional[int] = None,
                      row: Optional[int] = None) -> Optional[torch.Tensor]:
-        """A one-token decode step's attention in one kernel call (gemv.attend_decode), from the fused qkv row
-        (B, 1, ...): the new key, rotated, and value written at position length - 1, the new query attending to
-        positions 0 .. length - 1 (the last sliding_window of them); returns (B, 1, n_head * head_size). None, with
-        the cache untouched, where the kernel does not take the step: rotate, `update` and attend in PyTorch then.
-        With `row`, the step is that cache row's (qkv (1, 1, ...))."""
-        keys, values = (self.k, self.v) if row is None else (self.k[row:row + 1], self.v[row:row + 1])
-        return gemv.attend_decode(qkv, cos, sin, keys, values, length, n_head, rope_n_elem, scale, sliding_window or 0)
+        """A one-token decode step's attention in one kernel call (gemv.attend_decode), from the fused qkv rows
+        (B, 1, ...): the new keys, rotated, and values written at `input_pos` (one position, or (B, 1): each of
+        the cache's first B rows at its own), each new query attending to its positions up to there (the last
+        sliding_window of them); returns (B, 1, n_head * head_size). None, with the cache untouched, where the
+        kernel does not take the step: rotate, `update` and attend in PyTorch then. With `row`, the step is that
+        cache row's (qkv (1, 1, ...))."""
+        first = row or 0
+        rows = slice(first, first + qkv.size(0))
+        return gemv.attend_decode(qkv, cos, sin, self.k[rows], self.v[rows], input_pos, n_head, rope_n_elem, scale,
+                                  sliding_window or 0)
 
 
 def _drop_tied_head(model: GPT, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -56,6 +56,18 @@ def test_bf16_kernel_matches_float32(in_features, out_features, bias):
     _assert_close(y, F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float()))
 
 
+@needs_kernels
+@pytest.mark.parametrize("rows", [2, 3, 6, 7, 8, 9, 12, 13, gemv.FEW_ROWS])  # each count has its own code
+@pytest.mark.parametrize("in_features", [31, 64, 2560])
+@pytest.mark.parametrize("out_features", [1, 5, 130])  # 1, 5: fewer rows than one pass takes, and a tail
+def test_bf16_kernel_takes_a_few_rows(rows, in_features, out_features):
+    layer = _bf16_linear(in_features, out_features, True)
+    x = torch.randn(rows, 1, in_features).to(torch.bfloat16)  # a decode step of `rows` sequences
+    y = gemv.linear_bf16(x, layer.weight, layer.bias)
+    assert y.shape == (rows, 1, out_features) and y.dtype == torch.bfloat16
+    _assert_close(y, F.linear(x.float(), layer.weight.float(), layer.bias.float()))
+
+
 def _x8(x: torch.Tensor) -> torch.Tensor:
     """The activation row as the int8/int4 kernels compute with it (8 bits per block of 32), fp32."""
     return gemv.quantized_activations(x.reshape(-1)).view(x.shape)
@@ -195,15 +207,16 @@ def test_int4_rows_not_a_multiple_of_64_take_pytorchs_kernel(monkeypatch):
 
 
 @needs_kernels
-def test_linear_routes_one_row_to_the_kernel_and_more_rows_to_pytorch(monkeypatch):
+def test_linear_routes_a_few_rows_to_the_kernel_and_more_rows_to_pytorch(monkeypatch):
     spy = Spy(monkeypatch, "linear_bf16")
     layer = _bf16_linear(128, 64)
-    x = torch.randn(1, 3, 128).to(torch.bfloat16)
+    x = torch.randn(1, gemv.FEW_ROWS + 1, 128).to(torch.bfloat16)
     full = layer(x)
     assert spy.calls == 0
-    one = layer(x[:, 1:2])
-    assert spy.calls == 1
+    one, few = layer(x[:, 1:2]), layer(x[:, 1:4])
+    assert spy.calls == 2
     _assert_close(one, full[:, 1:2].float())
+    _assert_close(few, full[:, 1:4].float())
 
 
 @needs_kernels
@@ -217,7 +230,7 @@ def test_training_keeps_autograd(monkeypatch):
 @needs_kernels
 def test_same_result_with_one_and_two_threads():
     layer = _bf16_linear(512, 1024)
-    x = _row(512)
+    x = torch.randn(5, 512).to(torch.bfloat16)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -272,7 +285,7 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
     "ok": lambda: gemv.linear_bf16(X, W, None),
     "float32 row": lambda: gemv.linear_bf16(X.float(), W, None),
     "float32 weight": lambda: gemv.linear_bf16(X, W.float(), None),
-    "two rows": lambda: gemv.linear_bf16(X.expand(2, 32).contiguous(), W, None),
+    "more rows than FEW_ROWS": lambda: gemv.linear_bf16(X.expand(gemv.FEW_ROWS + 1, 32).contiguous(), W, None),
     "row of another width": lambda: gemv.linear_bf16(X[:, :16], W, None),
     "bias of another size": lambda: gemv.linear_bf16(X, W, _bf16(8)),
     "float32 bias": lambda: gemv.linear_bf16(X, W, torch.zeros(64)),
@@ -291,12 +304,15 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
     "attend_one head over MAX_HEAD_SIZE": lambda: gemv.attend_one(
         _bf16(1, 2, 1, gemv.MAX_HEAD_SIZE + 16), *[_bf16(1, 2, 8, gemv.MAX_HEAD_SIZE + 16)] * 2, POS, 0.25),
     "attend_one float32 cache": lambda: gemv.attend_one(Q, K.float(), K.float(), POS, 0.25),
-    "attend_decode ok": lambda: gemv.attend_decode(QKV, COS, COS, K.clone(), K.clone(), 4, 2, 8, 0.25),
-    "attend_decode past the cache": lambda: gemv.attend_decode(QKV, COS, COS, K.clone(), K.clone(), 9, 2, 8, 0.25),
+    "attend_decode ok": lambda: gemv.attend_decode(QKV, COS, COS, K.clone(), K.clone(), POS, 2, 8, 0.25),
+    "attend_decode float positions": lambda: gemv.attend_decode(QKV, COS, COS, K.clone(), K.clone(), POS.float(), 2, 8,
+                                                                0.25),
+    "attend_decode two positions for one sequence": lambda: gemv.attend_decode(QKV, COS, COS, K.clone(), K.clone(),
+                                                                               POS.repeat(2), 2, 8, 0.25),
     "attend_decode two tokens": lambda: gemv.attend_decode(QKV.expand(1, 2, 96).contiguous(), COS, COS, K.clone(),
-                                                           K.clone(), 4, 2, 8, 0.25),
+                                                           K.clone(), POS, 2, 8, 0.25),
     "attend_decode qkv of another width": lambda: gemv.attend_decode(QKV[..., :80], COS, COS, K.clone(), K.clone(),
-                                                                     4, 2, 8, 0.25),
+                                                                     POS, 2, 8, 0.25),
 }
 
 
@@ -463,12 +479,13 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
                               vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
     torch.manual_seed(0)
     model = GPT(config).to(torch.bfloat16).eval()
-    idx = torch.randint(0, 512, (1, 12))
+    idx = torch.randint(0, 512, (1, gemv.FEW_ROWS + 5))  # the full forward: too many rows for the kernels
     with torch.inference_mode():
         full = model(idx).float()
     model.set_kv_cache(1)
     decoded = _prefill_then_decode(model, idx).float()
-    assert spies[0].calls == 7 * (2 * 4 + 1) and spies[1].calls == 7 * 2  # every one-row step took the kernels
+    # the 5-token prefill and every one-row step took the kernels
+    assert spies[0].calls == (1 + gemv.FEW_ROWS) * (2 * 4 + 1) and spies[1].calls == gemv.FEW_ROWS * 2
     err = (decoded - full[:, 4:]).abs().max().item()
     assert err <= 0.03 * full.abs().max().item(), err
 
@@ -509,6 +526,42 @@ def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, 
 
 
 @needs_kernels
+@pytest.mark.parametrize(("name", "sliding_window"), [("phi-1_5", None), ("Phi-3-mini-4k-instruct", 6)])
+def test_fused_decode_takes_each_sequence_at_its_own_position(monkeypatch, name, sliding_window):
+    """A batched decode step (continuous batching: the cache's first rows, each at its own position) through
+    attend_decode writes the cache as the PyTorch ops do, to the bit (the first block's: later ones see the
+    attention's rounding), and attends as PyTorch's masked attention."""
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    config = Config.from_name(name, n_layer=2, n_embd=320, n_head=8, n_query_groups=2, intermediate_size=640,
+                              block_size=64, vocab_size=512, padded_vocab_size=512, sliding_window=sliding_window)
+    torch.manual_seed(0)
+    model = GPT(config).to(torch.bfloat16).eval()
+    lengths = [3, 9, 14]
+    idx = torch.randint(0, 512, (len(lengths), 20))
+
+    def decode():
+        model.set_kv_cache(len(lengths) + 1, 40)  # a row more than the steps use: an idle slot
+        with torch.inference_mode():
+            for row, n in enumerate(lengths):
+                model(idx[row:row + 1, :n], torch.arange(n), row=row)
+            pos = torch.tensor(lengths).view(-1, 1)
+            logits = [model(idx[:, t:t + 1], pos + step) for step, t in enumerate((18, 19))]  # two steps
+        caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
+        return torch.cat(logits, dim=1).float(), caches
+
+    fused = Spy(monkeypatch, "attend_decode")
+    logits, caches = decode()
+    assert fused.calls == 2 * 2
+    monkeypatch.setattr(gemv, "attend_decode", lambda *args: None)  # declined: PyTorch's ops and masked attention
+    logits_ref, caches_ref = decode()
+    assert torch.equal(caches[0], caches_ref[0]) and torch.equal(caches[1], caches_ref[1])
+    assert not caches[0][len(lengths)].any()  # the idle row untouched
+    assert (logits - logits_ref).abs().max().item() <= 0.02 * logits_ref.abs().max().item()
+
+
+@needs_kernels
 def test_fused_decode_attention_leaves_a_full_cache_to_pytorch():
     """A position past the cache is not written out of bounds: the PyTorch path raises its own error."""
     from lit_gpt.config import Config
@@ -541,7 +594,7 @@ calls = {
     "int8": lambda: gemv.linear_int8(row, int8, one, None),
     "int4": lambda: gemv.linear_int4(row, int4, int4_scales, None, 1, 32),
     "attend_one": lambda: gemv.attend_one(q, k, v, pos, 1.0),
-    "attend_decode": lambda: gemv.attend_decode(qkv, cos, sin, k, v, S, 1, 8, 1.0),
+    "attend_decode": lambda: gemv.attend_decode(qkv, cos, sin, k, v, pos, 1, 8, 1.0),
 }
 soft, hard = resource.getrlimit(resource.RLIMIT_AS)
 for name, call in calls.items():

@@ -95,7 +95,7 @@ def test_the_attention_window_is_the_filled_cache_and_its_mask():
 def test_a_fused_step_the_kernel_declines_leaves_the_cache_untouched():
     cache = KVCache(1, 2, 8, 16, torch.device("cpu"), torch.float32)  # float32: not for the bf16 kernel
     qkv = torch.randn(1, 1, 2 * 3 * 16)
-    assert cache.fused_decode(qkv, torch.ones(1, 8), torch.zeros(1, 8), 1, 2, 8, 0.25) is None
+    assert cache.fused_decode(qkv, torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([0]), 2, 8, 0.25) is None
     assert not cache.k.any() and not cache.v.any()
 
 
