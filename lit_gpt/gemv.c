@@ -82,9 +82,16 @@ static inline __attribute__((always_inline)) void dot_bf16(const uint16_t *w, co
 //
 // Each weight vector loaded serves every row, so M rows cost about one read of the weights, like one row, plus
 // M times the arithmetic: R weight rows per pass (R x M accumulators in registers) share each activation load.
-// The activation rows (M x K bf16, up to 300 KB for 10240-wide rows) stay in the L1/L2 caches.
+// The activation rows (M x K bf16, up to 160 KB for 10240-wide rows) stay in the L1/L2 caches. Past 8 rows the
+// arithmetic sets the speed and oneDNN's matmul kept up with this (12 rows) or beat it (15: fewer registers for
+// rows per pass, more activation loads).
 
-#define FEW_ROWS 15
+// The most rows gemv_bf16 takes: set in lit_gpt/gemv.py, which passes it to the compiler (-DFEW_ROWS=...).
+#ifndef FEW_ROWS
+#error "FEW_ROWS is not set: lit_gpt/gemv.py builds this file with -DFEW_ROWS=..."
+#elif FEW_ROWS > 8
+#error "FEW_ROWS above 8 needs cases in pass_bf16 and a rows_per_pass that keeps R x M <= 24"
+#endif
 // Here the hardware prefetcher alone left memory idle while the rows computed: the weights are asked for
 // this many columns (1 KB) ahead of their use.
 #define PREFETCH_AHEAD 512
@@ -94,7 +101,7 @@ static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t *
     __m512 a[4][FEW_ROWS];
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 16
+#pragma GCC unroll 8
         for (int m = 0; m < M; m++) a[r][m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         __mmask32 mask = _cvtu32_mask32(K - k >= 32 ? 0xFFFFFFFFu : (1u << (K - k)) - 1u);
@@ -104,7 +111,7 @@ static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t *
             _mm_prefetch((const char *)(w + r * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
             wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
         }
-#pragma GCC unroll 16
+#pragma GCC unroll 8
         for (int m = 0; m < M; m++) {
             __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
 #pragma GCC unroll 4
@@ -113,11 +120,11 @@ static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t *
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; r++)
-#pragma GCC unroll 16
+#pragma GCC unroll 8
         for (int m = 0; m < M; m++) out[r * M + m] = _mm512_reduce_add_ps(a[r][m]);
 }
 
-static inline int rows_per_pass(int M) { return M <= 6 ? 4 : M <= 8 ? 3 : M <= 12 ? 2 : 1; }  // <= 24 accumulators
+static inline int rows_per_pass(int M) { return M <= 6 ? 4 : 3; }  // <= 24 accumulators, of 32 registers
 
 // out[r * M + m] for the R = rows_per_pass(M) weight rows at w (R = 1 where full is 0); one case per M, so that
 // each has its accumulators in registers
@@ -125,7 +132,6 @@ static void pass_bf16(const uint16_t *w, const uint16_t *x, int64_t K, int M, in
 #define PASS_CASE(m) case m: dot_bf16_rows(w, x, K, full ? rows_per_pass(m) : 1, m, out); break;
     switch (M) {
         PASS_CASE(2) PASS_CASE(3) PASS_CASE(4) PASS_CASE(5) PASS_CASE(6) PASS_CASE(7) PASS_CASE(8)
-        PASS_CASE(9) PASS_CASE(10) PASS_CASE(11) PASS_CASE(12) PASS_CASE(13) PASS_CASE(14) PASS_CASE(15)
     }
 #undef PASS_CASE
 }

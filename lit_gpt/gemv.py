@@ -34,9 +34,10 @@ from lit_gpt.utils import atomic_path, first_line
 SOURCE = Path(__file__).with_name("gemv.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi")
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
-FEW_ROWS = 15  # the most rows linear_bf16 takes (gemv.c's FEW_ROWS): a decode step of a batch of sequences
+FEW_ROWS = 8  # the most rows linear_bf16 takes (a decode step of a batch of sequences); gemv.c gets it as well
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
-          "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}"]
+          "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}",
+          f"-DFEW_ROWS={FEW_ROWS}"]
 _BF16 = torch.bfloat16
 
 _lib: Optional[ctypes.CDLL] = None
