@@ -328,6 +328,10 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 //   sum_{k in g} W x = scale * sum_b s_b sum_{k in b} q xq + (zero - 8 scale) * sum_b X_b.
 
 #define INT4_BLOCK 64
+// The weights are asked for this many bytes ahead of their use (past a block's end: the next block's start):
+// 5-7% faster decode products than the hardware prefetcher alone (1024-4096 bytes all gained; bf16 and
+// int8, with less arithmetic per byte, gained nothing)
+#define INT4_AHEAD 2048
 
 // one block of 64 rows: out[r] = sum_k W[r, k] x[k]; next: whether a block follows (to prefetch its scales)
 static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const q8_x *f, int64_t K, int64_t group,
@@ -351,6 +355,7 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const q8
             __m512i d[4], e[4];  // rows 0..15, 16..31, 32..47, 48..63; two chains each (even/odd steps)
             for (int i = 0; i < 4; i++) d[i] = e[i] = _mm512_setzero_si512();
             for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 8) {
+                for (int p = 0; p < 4; p++) _mm_prefetch((const char *)(w + k * 32) + INT4_AHEAD + 64 * p, _MM_HINT_T0);
                 __m512i c01 = _mm512_loadu_si512(w + k * 32), c23 = _mm512_loadu_si512(w + k * 32 + 64);
                 __m512i a = _mm512_permutex2var_epi8(c01, first, c23), bb = _mm512_permutex2var_epi8(c01, second, c23);
                 __m512i xv = _mm512_set1_epi32((int)xq[k / 4]);
