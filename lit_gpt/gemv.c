@@ -321,8 +321,10 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 // ---- int4 weights in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, AVX-512 build) ------
 //
 // Rows come in blocks of 64; for each column k a block stores 32 bytes, byte j holding row j in its low
-// nibble and row j + 32 in its high one. scales_and_zeros is (K / group, N, 2) bf16 and the weight is
-// W[n, k] = (q - 8) * scale + zero. vpdpbusd needs each row's four consecutive columns in one 32-bit lane:
+// nibble and row j + 32 in its high one. The weight is W[n, k] = (q - 8) * scale + zero, the bf16 (scale, zero)
+// pairs stored block by block as the kernel reads them, (N / 64, K / group, 64, 2) (lit_gpt/quantize.py keeps
+// them so: PyTorch's (K / group, N, 2) put a block's pairs N * 4 bytes apart, one stream per group, and
+// decode ran 8-13% slower reading them there, even with each block's pairs prefetched a block ahead). vpdpbusd needs each row's four consecutive columns in one 32-bit lane:
 // one byte permute over the 128 bytes of four columns gathers them for 16 rows (32 with both nibbles).
 // Per group g of columns (a whole number of activation blocks b, each with its step s_b and sum X_b):
 //   sum_{k in g} W x = scale * sum_b s_b sum_{k in b} q xq + (zero - 8 scale) * sum_b X_b.
@@ -334,8 +336,7 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 #define INT4_AHEAD 2048
 
 // one block of 64 rows: out[r] = sum_k W[r, k] x[k]; next: whether a block follows (to prefetch its scales)
-static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const q8_x *f, int64_t K, int64_t group,
-                       int next, float *out) {
+static void block_int4(const uint8_t *w, const uint32_t *sz, const q8_x *f, int64_t K, int64_t group, float *out) {
     // byte 4 j + m of the permute's output is byte j of column k + m (the first 16 rows; +16: the next 16)
     static const uint8_t gather[2][64] = {
 #define G(j, o) (j) + (o), 32 + (j) + (o), 64 + (j) + (o), 96 + (j) + (o)
@@ -377,11 +378,7 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, int64_t N, const q8
             x_sum += f->sum[b];
         }
         __m512 xs = _mm512_set1_ps(x_sum), eight = _mm512_set1_ps(8.0f);
-        const uint32_t *s = sz + g * N;  // (scale, zero) of this group, one uint32 per row
-        // The next block's scales of this group, a group's compute ahead: they lie a row of N apart per group,
-        // which the hardware prefetchers do not follow (asked for when needed, they cost 7-17% of the speed)
-        if (next)
-            for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(s + 64 + 16 * i), _MM_HINT_T0);
+        const uint32_t *s = sz + g * INT4_BLOCK;  // (scale, zero) of this group, one uint32 per row
         for (int i = 0; i < 4; i++) {
             __m512i pair = _mm512_loadu_si512(s + 16 * i);
             __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
@@ -404,8 +401,8 @@ int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_ze
 #pragma omp parallel for schedule(dynamic, chunk_of(INT4_BLOCK * K / 2))
     for (int64_t b = 0; b < blocks; b++) {
         float out[INT4_BLOCK];
-        block_int4(w + b * INT4_BLOCK * K / 2, (const uint32_t *)scales_and_zeros + b * INT4_BLOCK, N, &f, K, group,
-                   b + 1 < blocks, out);
+        block_int4(w + b * INT4_BLOCK * K / 2, (const uint32_t *)scales_and_zeros + b * INT4_BLOCK * (K / group), &f,
+                   K, group, out);
         for (int r = 0; r < INT4_BLOCK; r++) {
             int64_t n = b * INT4_BLOCK + r;
             if (n < n_out) y[n] = f32_to_bf16(out[r] + bias_at(bias, n));
@@ -449,18 +446,18 @@ void dequantize_int8(const int8_t *w, const uint16_t *scales, uint16_t *out, int
 
 // the 64-row blocks b0 .. b0 + nb - 1 of an int4 weight in PyTorch's CPU layout, transposed: out is
 // (K, 64 nb), column j the block's row j (the layout stores each column of a block's 64 rows together)
-void dequantize_int4_t(const uint8_t *w, const uint16_t *scales_and_zeros, uint16_t *out, int64_t N, int64_t b0,
-                       int64_t nb, int64_t K, int64_t group) {
+void dequantize_int4_t(const uint8_t *w, const uint16_t *scales_and_zeros, uint16_t *out, int64_t b0, int64_t nb,
+                       int64_t K, int64_t group) {
     int64_t width = 64 * nb;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *block = w + (b0 + b) * 64 * K / 2;
-        const uint32_t *sz = (const uint32_t *)scales_and_zeros + (b0 + b) * 64;
+        const uint32_t *sz = (const uint32_t *)scales_and_zeros + (b0 + b) * 64 * (K / group);
         __m512 scale[4], zero[4];
         for (int64_t k = 0; k < K; k++) {
             if (k % group == 0) {
                 for (int i = 0; i < 4; i++) {
-                    __m512i pair = _mm512_loadu_si512(sz + k / group * N + 16 * i);
+                    __m512i pair = _mm512_loadu_si512(sz + k / group * 64 + 16 * i);
                     scale[i] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
                     zero[i] = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u)));
                 }

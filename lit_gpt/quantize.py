@@ -210,6 +210,10 @@ class Int8Linear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def pytorch_scales(self) -> torch.Tensor:
+        """The (scale, zero) pairs as PyTorch's int4 kernels take them, (groups, padded rows, 2)."""
+        return gemv.unblocked_scales(self.scales_and_zeros) if self.gemv_layout else self.scales_and_zeros
+
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
         """Rows start .. start + len(out) - 1 of dequantize(torch.bfloat16), into out."""
         if gemv.dequantize_int8(self.weight, self.scales, start, out) is None:
@@ -286,12 +290,20 @@ def _cpu_int4_layout_is_gemvs() -> bool:
     return torch.equal(_int4_slots(rows, cols, torch.device("cpu")).long(), expected)
 
 
+def _gemv_reads_cpu_int4() -> bool:
+    """Whether our decode kernel reads CPU int4 layers here: this torch packs them as gemv.c reads them, and the
+    kernels are built (such layers hold their scales block by block)."""
+    return _cpu_int4_layout_is_gemvs() and gemv.available()
+
+
 def cpu_int4_layout_id() -> str:
-    """A fingerprint of how this torch packs int4 for the CPU (it differs between CPU builds): a saved
-    packed weight is only read back where the fingerprint is the same."""
+    """A fingerprint of how CPU int4 layers are held here: how this torch packs int4 (it differs between CPU
+    builds) and where the scales lie (block by block for our kernel): a saved layer is only read back where the
+    fingerprint is the same."""
     import hashlib
 
-    return hashlib.sha256(_int4_slots(128, 64, torch.device("cpu")).numpy().tobytes()).hexdigest()[:16]
+    packing = hashlib.sha256(_int4_slots(128, 64, torch.device("cpu")).numpy().tobytes()).hexdigest()[:16]
+    return packing + ("-scales-by-64-rows" if _gemv_reads_cpu_int4() else "")
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -304,8 +316,9 @@ class Int4Linear(nn.Module):
     """y = x @ W_hat.T + bias with W_hat[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k // group_size.
 
     `weight` holds q packed for the device's int4 kernel; `scales_and_zeros` is
-    (in_features // group_size, padded out_features, 2). Rows are padded to a multiple of 16 (the CPU
-    kernel's need); the output is cut back to out_features.
+    (in_features // group_size, padded out_features, 2), or where our CPU kernel reads them (gemv_layout) the same
+    pairs block by block, (padded out_features / 64, in_features // group_size, 64, 2) (gemv.blocked_scales).
+    Rows are padded to a multiple of 16 (the CPU kernel's need); the output is cut back to out_features.
     """
 
     def __init__(
@@ -328,13 +341,13 @@ class Int4Linear(nn.Module):
             raise UserError(f"int4 quantization supports CPU and CUDA weights, not {device.type}")
         shape = _packed_int4_shape(self.padded_out, in_features, device.type)
         dtype_packed = torch.int32 if device.type == "cuda" else torch.uint8
+        # whether gemv.c reads this layer (a plain bool, decided here, outside torch.compile)
+        self.gemv_layout = device.type == "cpu" and self.padded_out % 64 == 0 and _gemv_reads_cpu_int4()
+        groups = in_features // group_size
+        sz_shape = (self.padded_out // 64, groups, 64, 2) if self.gemv_layout else (groups, self.padded_out, 2)
         self.register_buffer("weight", torch.zeros(shape, dtype=dtype_packed, device=device))
-        self.register_buffer(
-            "scales_and_zeros", torch.zeros(in_features // group_size, self.padded_out, 2, dtype=dtype, device=device)
-        )
+        self.register_buffer("scales_and_zeros", torch.zeros(sz_shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-        # whether gemv.c can read the packed weight (a plain bool, decided here, outside torch.compile)
-        self.gemv_layout = device.type == "cpu" and self.padded_out % 64 == 0 and _cpu_int4_layout_is_gemvs()
 
     @classmethod
     @torch.no_grad()
@@ -342,6 +355,7 @@ class Int4Linear(nn.Module):
         w = linear.weight
         N, K = w.shape
         q = cls(K, N, bias=False, group_size=group_size, dtype=w.dtype, device=w.device)
+        sz = torch.empty(K // group_size, q.padded_out, 2, dtype=w.dtype, device=w.device)
         packed = []
         for rows in _row_chunks(q.padded_out, K):
             n = rows.stop - rows.start
@@ -356,9 +370,10 @@ class Int4Linear(nn.Module):
             start = zero.float() - 8 * scale.float()
             qi = groups.sub_(start[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15)
             packed.append(_pack_int4(qi.view(n, K).to(torch.int32), w.device.type))
-            q.scales_and_zeros[:, rows, 0] = scale.t()
-            q.scales_and_zeros[:, rows, 1] = zero.t()
+            sz[:, rows, 0] = scale.t()
+            sz[:, rows, 1] = zero.t()
         q.weight = torch.cat(packed) if len(packed) > 1 else packed[0]
+        q.scales_and_zeros = gemv.blocked_scales(sz) if q.gemv_layout else sz
         q.bias = _bias_buffer(linear)
         return q
 
@@ -383,7 +398,7 @@ class Int4Linear(nn.Module):
         if self.gemv_layout and gemv.available() and _use_dequantized(x2, self.scales_and_zeros):  # a prefill on CPU
             y = _dequantized_product(x2, self.padded_out, self._dequantize_rows, transposed=True)
         elif x.device.type == "cpu":
-            sz = self.scales_and_zeros.to(x.dtype)
+            sz = self.pytorch_scales().to(x.dtype)
             with gemv.pytorch_fallback(x, one_row=x2.shape[0] == 1):
                 y = aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
         else:  # tinygemm computes in bf16 only
@@ -393,6 +408,10 @@ class Int4Linear(nn.Module):
             y = y[:, : self.out_features]
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def pytorch_scales(self) -> torch.Tensor:
+        """The (scale, zero) pairs as PyTorch's int4 kernels take them, (groups, padded rows, 2)."""
+        return gemv.unblocked_scales(self.scales_and_zeros) if self.gemv_layout else self.scales_and_zeros
 
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
         """Rows start .. start + out.shape[1] - 1 of dequantize(torch.bfloat16), transposed into out (K, n)."""
@@ -421,7 +440,7 @@ class Int4Linear(nn.Module):
         """The weight this layer multiplies by: W_hat = (q - 8) * scale + zero, per group."""
         G = self.group_size
         q = self.int_weight().float().view(self.out_features, -1, G)
-        sz = self.scales_and_zeros[:, : self.out_features].float()
+        sz = self.pytorch_scales()[:, : self.out_features].float()
         scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
         return ((q - 8) * scale + zero).view(self.out_features, self.in_features).to(dtype)
 
@@ -431,7 +450,7 @@ class Int4Linear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         q = self.int_weight()
         destination[prefix + "weight"] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (N, K/2)
-        destination[prefix + "scales_and_zeros"] = self.scales_and_zeros[:, : self.out_features].clone()
+        destination[prefix + "scales_and_zeros"] = self.pytorch_scales()[:, : self.out_features].clone()
 
     def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         key_w, key_sz = prefix + "weight", prefix + "scales_and_zeros"
@@ -450,9 +469,10 @@ class Int4Linear(nn.Module):
                 )
             state_dict = dict(state_dict)  # do not change the caller's dict
             state_dict[key_w] = self._pack_nibbles(nibbles)
-            padded = torch.zeros_like(self.scales_and_zeros)
+            padded = torch.zeros(sz.shape[0], self.padded_out, 2, dtype=self.scales_and_zeros.dtype,
+                                 device=self.scales_and_zeros.device)
             padded[:, : self.out_features] = sz.to(padded.device, padded.dtype)
-            state_dict[key_sz] = padded
+            state_dict[key_sz] = gemv.blocked_scales(padded) if self.gemv_layout else padded
             # the parent call reads from this local dict: it is not the caller's
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -103,7 +103,8 @@ def usable_saved_quantized(checkpoint_dir: Path, mode: str, group_size: int,
         print(f"note: {path.name} was made from an older lit_model.pth; {again}", file=sys.stderr)
         return None
     if mode == "int4" and layout != cpu_int4_layout_id():
-        print(f"note: {path.name} was packed by another torch or CPU build; {again}", file=sys.stderr)
+        print(f"note: {path.name} was packed for another torch, CPU build or lit_gpt version; {again}",
+              file=sys.stderr)
         return None
     wanted = None if dtype is None else str(dtype).removeprefix("torch.")
     if wanted is not None and wanted != made_in:

@@ -280,7 +280,7 @@ def _bf16(*shape: int) -> torch.Tensor:
 
 W, X, Q, K = _bf16(64, 32), _bf16(1, 32), _bf16(1, 2, 1, 16), _bf16(1, 2, 8, 16)
 QKV, COS, POS = _bf16(1, 1, 96), torch.ones(1, 8), torch.tensor([3])  # 2 heads, 2 groups: 2 * 3 * 16
-INT4, INT4_SZ = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 64, 2)
+INT4, INT4_SZ = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 1, 64, 2)  # scales block by block
 DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok` call that they take
     "ok": lambda: gemv.linear_bf16(X, W, None),
     "float32 row": lambda: gemv.linear_bf16(X.float(), W, None),
@@ -296,7 +296,8 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
     "int8 float32 scales": lambda: gemv.linear_int8(X, W.to(torch.int8), torch.ones(64), None),
     "int8 bf16 weight": lambda: gemv.linear_int8(X, W, _bf16(64), None),
     "int4 ok": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 60, 32),
-    "int4 rows not whole blocks of 64": lambda: gemv.linear_int4(X, INT4[:48], INT4_SZ[:, :48], None, 40, 32),
+    "int4 rows not whole blocks of 64": lambda: gemv.linear_int4(X, INT4[:48], INT4_SZ[:, :, :48], None, 40, 32),
+    "int4 scales in PyTorch's layout": lambda: gemv.linear_int4(X, INT4, _bf16(1, 64, 2), None, 60, 32),
     "int4 group size not dividing": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 60, 24),
     "int4 more outputs than rows": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 65, 32),
     "attend_one ok": lambda: gemv.attend_one(Q, K, K, POS, 0.25),
@@ -587,7 +588,7 @@ bf16, K, S = torch.bfloat16, 1 << 25, 1 << 25
 # thread (zero-filled inputs are only reserved address space, not memory)
 one, row = torch.ones(1, dtype=bf16), torch.ones(1, K, dtype=bf16)
 int8, int4 = torch.zeros(1, K, dtype=torch.int8), torch.zeros(64, K // 2, dtype=torch.uint8)
-int4_scales = torch.zeros(K // 32, 64, 2, dtype=bf16)
+int4_scales = torch.zeros(1, K // 32, 64, 2, dtype=bf16)  # block by block
 k, v, q, qkv = (torch.zeros(1, 1, S, 8, dtype=bf16), torch.zeros(1, 1, S, 8, dtype=bf16),
                 torch.ones(1, 1, 1, 8, dtype=bf16), torch.ones(1, 1, 24, dtype=bf16))
 cos, sin, pos = torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([S - 1])

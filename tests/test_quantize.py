@@ -61,7 +61,7 @@ def test_dequantized_weight_is_close_to_original(mode, group_size, bound):
     if mode == "int8":
         step = q.scales.float()[:, None]
     else:
-        step = q.scales_and_zeros[:, :64, 0].float().t().repeat_interleave(group_size, dim=1)
+        step = q.pytorch_scales()[:, :64, 0].float().t().repeat_interleave(group_size, dim=1)
     assert ((w_hat - w).abs() <= step * 0.5 + 1e-6).all()
 
 
