@@ -210,10 +210,6 @@ class Int8Linear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def pytorch_scales(self) -> torch.Tensor:
-        """The (scale, zero) pairs as PyTorch's int4 kernels take them, (groups, padded rows, 2)."""
-        return gemv.unblocked_scales(self.scales_and_zeros) if self.gemv_layout else self.scales_and_zeros
-
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
         """Rows start .. start + len(out) - 1 of dequantize(torch.bfloat16), into out."""
         if gemv.dequantize_int8(self.weight, self.scales, start, out) is None:
