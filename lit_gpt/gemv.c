@@ -321,13 +321,14 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 // ---- int4 weights in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, AVX-512 build) ------
 //
 // Rows come in blocks of 64; for each column k a block stores 32 bytes, byte j holding row j in its low
-// nibble and row j + 32 in its high one. The weight is W[n, k] = (q - 8) * scale + zero, the bf16 (scale, zero)
-// pairs stored block by block as the kernel reads them, (N / 64, K / group, 64, 2) (lit_gpt/quantize.py keeps
-// them so: PyTorch's (K / group, N, 2) put a block's pairs N * 4 bytes apart, one stream per group, and
-// decode ran 8-13% slower reading them there, even with each block's pairs prefetched a block ahead). vpdpbusd needs each row's four consecutive columns in one 32-bit lane:
+// nibble and row j + 32 in its high one. The weight is symmetric, W[n, k] = (q - 8) * scale (as llama.cpp's
+// q4_0: 4.5 bits a weight with groups of 32), the bf16 scales stored block by block as the kernel reads them,
+// (N / 64, K / group, 64) (lit_gpt/quantize.py keeps them so: PyTorch's (K / group, N, 2) pairs of scale and
+// zero put a block's scales N * 4 bytes apart, one stream per group, and decode ran 8-13% slower reading them
+// there, even with each block's scales prefetched a block ahead). vpdpbusd needs each row's four consecutive columns in one 32-bit lane:
 // one byte permute over the 128 bytes of four columns gathers them for 16 rows (32 with both nibbles).
 // Per group g of columns (a whole number of activation blocks b, each with its step s_b and sum X_b):
-//   sum_{k in g} W x = scale * sum_b s_b sum_{k in b} q xq + (zero - 8 scale) * sum_b X_b.
+//   sum_{k in g} W x = scale * (sum_b s_b sum_{k in b} q xq - 8 sum_b X_b).
 
 #define INT4_BLOCK 64
 // The weights are asked for this many bytes ahead of their use (past a block's end: the next block's start):
@@ -336,7 +337,8 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 #define INT4_AHEAD 2048
 
 // one block of 64 rows: out[r] = sum_k W[r, k] x[k]; next: whether a block follows (to prefetch its scales)
-static void block_int4(const uint8_t *w, const uint32_t *sz, const q8_x *f, int64_t K, int64_t group, float *out) {
+static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, int64_t K, int64_t group,
+                       float *out) {
     // byte 4 j + m of the permute's output is byte j of column k + m (the first 16 rows; +16: the next 16)
     static const uint8_t gather[2][64] = {
 #define G(j, o) (j) + (o), 32 + (j) + (o), 64 + (j) + (o), 96 + (j) + (o)
@@ -378,21 +380,16 @@ static void block_int4(const uint8_t *w, const uint32_t *sz, const q8_x *f, int6
             x_sum += f->sum[b];
         }
         __m512 xs = _mm512_set1_ps(x_sum), eight = _mm512_set1_ps(8.0f);
-        const uint32_t *s = sz + g * INT4_BLOCK;  // (scale, zero) of this group, one uint32 per row
-        for (int i = 0; i < 4; i++) {
-            __m512i pair = _mm512_loadu_si512(s + 16 * i);
-            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-            __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u)));
-            acc[i] = _mm512_fmadd_ps(scale, dot[i], acc[i]);
-            acc[i] = _mm512_fmadd_ps(_mm512_fnmadd_ps(eight, scale, zero), xs, acc[i]);
-        }
+        const uint16_t *s = scales + g * INT4_BLOCK;  // this group's scales of the block's rows
+        for (int i = 0; i < 4; i++)
+            acc[i] = _mm512_fmadd_ps(load_bf16x16(s + 16 * i, 0xFFFF), _mm512_fnmadd_ps(eight, xs, dot[i]), acc[i]);
     }
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
 // N: rows as stored (a multiple of 64); the first n_out rows are written to y. K: a multiple of group,
 // group a multiple of 32 (PyTorch's packing allows 32, 64, 128, 256).
-int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_zeros, const uint16_t *bias,
+int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
               uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group) {
     q8_x f;
     int ready = q8_x_ready(&f, x, K, y, n_out);
@@ -401,8 +398,7 @@ int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_ze
 #pragma omp parallel for schedule(dynamic, chunk_of(INT4_BLOCK * K / 2))
     for (int64_t b = 0; b < blocks; b++) {
         float out[INT4_BLOCK];
-        block_int4(w + b * INT4_BLOCK * K / 2, (const uint32_t *)scales_and_zeros + b * INT4_BLOCK * (K / group), &f,
-                   K, group, out);
+        block_int4(w + b * INT4_BLOCK * K / 2, scales + b * INT4_BLOCK * (K / group), &f, K, group, out);
         for (int r = 0; r < INT4_BLOCK; r++) {
             int64_t n = b * INT4_BLOCK + r;
             if (n < n_out) y[n] = f32_to_bf16(out[r] + bias_at(bias, n));
@@ -418,7 +414,7 @@ int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales_and_ze
 // bf16 matrix product (oneDNN) is far faster than PyTorch's packed int8/int4 kernels. So the caller turns
 // the weights into bf16 a tile of rows at a time, into a scratch buffer that stays in the caches, and
 // multiplies by that: the conversion costs about one read of the weights, shared by all the rows.
-// Both round W = q * scale (int8) or (q - 8) * scale + zero (int4), computed in fp32, to bf16 once, as
+// Both round W = q * scale (int8) or (q - 8) * scale (int4), computed in fp32, to bf16 once, as
 // the layers' dequantize() does.
 
 static inline __m256i f32x16_to_bf16(__m512 v) {  // round to nearest even (vcvtneps2bf16)
@@ -446,21 +442,17 @@ void dequantize_int8(const int8_t *w, const uint16_t *scales, uint16_t *out, int
 
 // the 64-row blocks b0 .. b0 + nb - 1 of an int4 weight in PyTorch's CPU layout, transposed: out is
 // (K, 64 nb), column j the block's row j (the layout stores each column of a block's 64 rows together)
-void dequantize_int4_t(const uint8_t *w, const uint16_t *scales_and_zeros, uint16_t *out, int64_t b0, int64_t nb,
+void dequantize_int4_t(const uint8_t *w, const uint16_t *scales, uint16_t *out, int64_t b0, int64_t nb,
                        int64_t K, int64_t group) {
     int64_t width = 64 * nb;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *block = w + (b0 + b) * 64 * K / 2;
-        const uint32_t *sz = (const uint32_t *)scales_and_zeros + (b0 + b) * 64 * (K / group);
-        __m512 scale[4], zero[4];
+        const uint16_t *block_scales = scales + (b0 + b) * 64 * (K / group);
+        __m512 scale[4];
         for (int64_t k = 0; k < K; k++) {
             if (k % group == 0) {
-                for (int i = 0; i < 4; i++) {
-                    __m512i pair = _mm512_loadu_si512(sz + k / group * 64 + 16 * i);
-                    scale[i] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-                    zero[i] = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u)));
-                }
+                for (int i = 0; i < 4; i++) scale[i] = load_bf16x16(block_scales + k / group * 64 + 16 * i, 0xFFFF);
             }
             __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + k * 32));
             __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
@@ -469,7 +461,7 @@ void dequantize_int4_t(const uint8_t *w, const uint16_t *scales_and_zeros, uint1
                             _mm256_extracti128_si256(hi, 1)};
             for (int i = 0; i < 4; i++) {  // rows 16 i .. 16 i + 15 of the block
                 __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q[i])), _mm512_set1_ps(8.0f));
-                __m512 wv = _mm512_add_ps(_mm512_mul_ps(v, scale[i]), zero[i]);
+                __m512 wv = _mm512_mul_ps(v, scale[i]);
                 _mm256_storeu_si256((__m256i *)(out + k * width + b * 64 + 16 * i), f32x16_to_bf16(wv));
             }
         }

@@ -163,15 +163,15 @@ def _run_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor])
     return y
 
 
-def _int4_empty(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optional[Tensor], out_features: int,
+def _int4_empty(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int,
                 group_size: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _run_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optional[Tensor], out_features: int,
+def _run_int4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int,
               group_size: int) -> Tensor:
-    x, y = x.contiguous(), _int4_empty(x, packed, scales_and_zeros, bias, out_features, group_size)
-    _check(_lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales_and_zeros.data_ptr(), _ptr(bias), y.data_ptr(),
+    x, y = x.contiguous(), _int4_empty(x, packed, scales, bias, out_features, group_size)
+    _check(_lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
                           packed.shape[0], out_features, x.shape[-1], group_size))
     return y
 
@@ -187,8 +187,8 @@ def _run_dequantize_int8(weight: Tensor, scales: Tensor, start: int, out: Tensor
     return out
 
 
-def _run_dequantize_int4_t(packed: Tensor, scales_and_zeros: Tensor, start: int, out: Tensor, group_size: int) -> Tensor:
-    _lib.dequantize_int4_t(packed.data_ptr(), scales_and_zeros.data_ptr(), out.data_ptr(), start // 64,
+def _run_dequantize_int4_t(packed: Tensor, scales: Tensor, start: int, out: Tensor, group_size: int) -> Tensor:
+    _lib.dequantize_int4_t(packed.data_ptr(), scales.data_ptr(), out.data_ptr(), start // 64,
                            out.shape[1] // 64, packed.shape[1] * 2, group_size)
     return out
 
@@ -292,33 +292,33 @@ def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor
     return None
 
 
-def linear_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, bias: Optional[Tensor], out_features: int,
+def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int,
                 group_size: int) -> Optional[Tensor]:
     """One bf16 row x times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
-    padded to a multiple of 64), W = (q - 8) * scale + zero per group of group_size inputs, plus bias; bf16
-    scales_and_zeros block by block, (rows / 64, in_features / group_size, 64, 2) (see blocked_scales), and bias.
-    None where the kernels cannot take these inputs. The caller knows that this torch packs int4 in that layout
-    (lit_gpt.quantize checks it)."""
+    padded to a multiple of 64), W = (q - 8) * scale per group of group_size inputs, plus bias; bf16 scales block
+    by block, (rows / 64, in_features / group_size, 64) (see blocked_scales), and bias. None where the kernels
+    cannot take these inputs. The caller knows that this torch packs int4 in that layout (lit_gpt.quantize checks
+    it)."""
     rows, K = packed.shape[0], x.shape[-1]
     if (packed.dtype == torch.uint8 and _one_row(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
             and 0 < out_features <= rows and group_size > 0 and group_size % 32 == 0 and K % group_size == 0
-            and scales_and_zeros.dtype == _BF16 and scales_and_zeros.shape == (rows // 64, K // group_size, 64, 2)
-            and _bf16_vector(bias, out_features) and _usable(x, packed, scales_and_zeros, bias)):
-        return _GEMV_INT4(x, packed, scales_and_zeros, bias, out_features, group_size)
+            and scales.dtype == _BF16 and scales.shape == (rows // 64, K // group_size, 64)
+            and _bf16_vector(bias, out_features) and _usable(x, packed, scales, bias)):
+        return _GEMV_INT4(x, packed, scales, bias, out_features, group_size)
     return None
 
 
-def blocked_scales(scales_and_zeros: Tensor) -> Tensor:
-    """PyTorch's int4 (scale, zero) pairs, (groups, rows, 2), block by block as linear_int4 reads them: (rows / 64,
-    groups, 64, 2), each block of 64 rows' pairs in one run of memory."""
-    groups, rows, _ = scales_and_zeros.shape
-    return scales_and_zeros.view(groups, rows // 64, 64, 2).transpose(0, 1).contiguous()
+def blocked_scales(scales: Tensor) -> Tensor:
+    """int4 scales (groups, rows) block by block as linear_int4 reads them: (rows / 64, groups, 64), each block of 64
+    rows' scales in one run of memory."""
+    groups, rows = scales.shape
+    return scales.view(groups, rows // 64, 64).transpose(0, 1).contiguous()
 
 
 def unblocked_scales(blocked: Tensor) -> Tensor:
-    """The inverse of blocked_scales: (groups, rows, 2) for PyTorch's int4 kernels."""
-    blocks, groups, _, _ = blocked.shape
-    return blocked.transpose(0, 1).reshape(groups, blocks * 64, 2)
+    """The inverse of blocked_scales: (groups, rows)."""
+    blocks, groups, _ = blocked.shape
+    return blocked.transpose(0, 1).reshape(groups, blocks * 64)
 
 
 def quantized_activations(x: Tensor) -> Optional[Tensor]:
@@ -340,18 +340,17 @@ def dequantize_int8(weight: Tensor, scales: Tensor, start: int, out: Tensor) -> 
     return None
 
 
-def dequantize_int4_t(packed: Tensor, scales_and_zeros: Tensor, start: int, out: Tensor,
-                      group_size: int) -> Optional[Tensor]:
+def dequantize_int4_t(packed: Tensor, scales: Tensor, start: int, out: Tensor, group_size: int) -> Optional[Tensor]:
     """Rows start .. start + out.shape[1] - 1 (both multiples of 64) of an int4 weight in PyTorch's CPU layout
-    (see linear_int4, also for scales_and_zeros), W = (q - 8) * scale + zero rounded to bf16 once, transposed into
-    out, a bf16 (in_features, rows) tensor; None where the kernels cannot take it."""
+    (see linear_int4, also for the scales), W = (q - 8) * scale rounded to bf16 once, transposed into out, a bf16
+    (in_features, rows) tensor; None where the kernels cannot take it."""
     rows, K = packed.shape[0], packed.shape[-1] * 2
     if (packed.dtype == torch.uint8 and packed.dim() == 2 and out.dim() == 2 and out.dtype == _BF16
             and out.shape[0] == K and out.shape[1] % 64 == 0 and start % 64 == 0 and 0 <= start
             and start + out.shape[1] <= rows and rows % 64 == 0 and group_size > 0 and K % group_size == 0
-            and scales_and_zeros.dtype == _BF16 and scales_and_zeros.shape == (rows // 64, K // group_size, 64, 2)
-            and not torch.compiler.is_compiling() and _usable(packed, scales_and_zeros, out)):
-        return _DEQUANTIZE_INT4_T(packed, scales_and_zeros, start, out, group_size)
+            and scales.dtype == _BF16 and scales.shape == (rows // 64, K // group_size, 64)
+            and not torch.compiler.is_compiling() and _usable(packed, scales, out)):
+        return _DEQUANTIZE_INT4_T(packed, scales, start, out, group_size)
     return None
 
 

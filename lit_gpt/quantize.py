@@ -11,8 +11,9 @@ The kernels (measured with scripts/bench_kernels.py; see the numbers there):
   (a prefill) through the bf16 matrix product on tiles of the dequantized weight (DEQUANTIZED_MIN_ROWS).
   CUDA and others: `F.linear(x, q.to(x.dtype)) * scale`, the pattern that inductor turns into a
   fused kernel under torch.compile (gpt-fast's int8 path); eager it is correct but not fast.
-- int4, group-wise, asymmetric (tinygemm's convention): `W ~ (q - 8) * scale[n, g] + zero[n, g]`,
-  q in [0, 15], one (scale, zero) pair per `group_size` consecutive inputs.
+- int4, group-wise, symmetric (as llama.cpp's q4_0): `W ~ (q - 8) * scale[n, g]`, q in [0, 15], one scale per
+  `group_size` consecutive inputs (4.5 bits a weight with groups of 32). PyTorch's kernels take (scale, zero)
+  pairs (tinygemm's convention), the zero here 0.
   CPU: `aten._weight_int4pack_mm_for_cpu`, for one bf16 row our gemv.c kernel (8-bit activations,
   as for int8), which reads the same packed weight, and for many bf16 rows bf16 tiles as for int8;
   CUDA: `aten._weight_int4pack_mm` (tinygemm, bf16 only).
@@ -22,7 +23,7 @@ The kernels (measured with scripts/bench_kernels.py; see the numbers there):
 torchao wraps these same aten kernels on CPU, so nothing here needs it.
 
 Checkpoints: `state_dict()` of a quantized layer holds a portable form (int8: q and scales; int4:
-q as two nibbles per byte, high nibble first, plus tinygemm's scales_and_zeros), converted to the
+q as two nibbles per byte, high nibble first, plus tinygemm's scales_and_zeros, zeros 0), converted to the
 kernel's layout on `load_state_dict()`, so a checkpoint saved on one device loads on another.
 To load one, build the model (on the meta device will do), call `make_empty_quantized` with the same
 mode and group size, then `load_state_dict(..., assign=True)`. scripts/quantize.py
@@ -299,7 +300,7 @@ def cpu_int4_layout_id() -> str:
     import hashlib
 
     packing = hashlib.sha256(_int4_slots(128, 64, torch.device("cpu")).numpy().tobytes()).hexdigest()[:16]
-    return packing + ("-scales-by-64-rows" if _gemv_reads_cpu_int4() else "")
+    return packing + ("-symmetric-scales-by-64-rows" if _gemv_reads_cpu_int4() else "-symmetric")
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -309,12 +310,13 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W_hat.T + bias with W_hat[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g], g = k // group_size.
+    """y = x @ W_hat.T + bias with W_hat[n, k] = (q[n, k] - 8) * scale[n, g], g = k // group_size.
 
-    `weight` holds q packed for the device's int4 kernel; `scales_and_zeros` is
-    (in_features // group_size, padded out_features, 2), or where our CPU kernel reads them (gemv_layout) the same
-    pairs block by block, (padded out_features / 64, in_features // group_size, 64, 2) (gemv.blocked_scales).
-    Rows are padded to a multiple of 16 (the CPU kernel's need); the output is cut back to out_features.
+    `weight` holds q packed for the device's int4 kernel. Where our CPU kernel reads the layer (gemv_layout),
+    `scales` holds the scales block by block, (padded out_features / 64, in_features // group_size, 64)
+    (gemv.blocked_scales); elsewhere `scales_and_zeros` holds them as PyTorch's kernels take them,
+    (in_features // group_size, padded out_features, 2), the zeros 0. Rows are padded to a multiple of 16 (the
+    CPU kernel's need); the output is cut back to out_features.
     """
 
     def __init__(
@@ -340,9 +342,11 @@ class Int4Linear(nn.Module):
         # whether gemv.c reads this layer (a plain bool, decided here, outside torch.compile)
         self.gemv_layout = device.type == "cpu" and self.padded_out % 64 == 0 and _gemv_reads_cpu_int4()
         groups = in_features // group_size
-        sz_shape = (self.padded_out // 64, groups, 64, 2) if self.gemv_layout else (groups, self.padded_out, 2)
         self.register_buffer("weight", torch.zeros(shape, dtype=dtype_packed, device=device))
-        self.register_buffer("scales_and_zeros", torch.zeros(sz_shape, dtype=dtype, device=device))
+        if self.gemv_layout:
+            self.register_buffer("scales", torch.zeros(self.padded_out // 64, groups, 64, dtype=dtype, device=device))
+        else:
+            self.register_buffer("scales_and_zeros", torch.zeros(groups, self.padded_out, 2, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -351,7 +355,7 @@ class Int4Linear(nn.Module):
         w = linear.weight
         N, K = w.shape
         q = cls(K, N, bias=False, group_size=group_size, dtype=w.dtype, device=w.device)
-        sz = torch.empty(K // group_size, q.padded_out, 2, dtype=w.dtype, device=w.device)
+        scales = torch.empty(K // group_size, q.padded_out, dtype=w.dtype, device=w.device)
         packed = []
         for rows in _row_chunks(q.padded_out, K):
             n = rows.stop - rows.start
@@ -359,17 +363,16 @@ class Int4Linear(nn.Module):
             if chunk.shape[0] < n:  # rows padded up to a multiple of 16 quantize zeros
                 chunk = F.pad(chunk, (0, 0, 0, n - chunk.shape[0]))
             groups = chunk.view(n, K // group_size, group_size)
-            lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
-            scale = ((hi - lo) / 15).clamp(min=1e-6).to(w.dtype)
-            zero = (lo + 8 * scale.float()).to(w.dtype)  # W_hat = (q - 8) * scale + zero = q * scale + lo
-            # quantize against the rounded scale and zero, so dequantize() is what the kernel computes
-            start = zero.float() - 8 * scale.float()
-            qi = groups.sub_(start[..., None]).div_(scale.float()[..., None]).round_().clamp_(0, 15)
+            # as q4_0: the value of largest magnitude becomes q - 8 = -8 exactly, the rest round to -8 .. 7
+            extreme = groups.gather(-1, groups.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            scale = (extreme / -8).to(w.dtype)
+            scale = torch.where(scale == 0, torch.full_like(scale, 1e-6), scale)  # (an all-zero group: q = 8)
+            # quantize against the rounded scale, so dequantize() is what the kernel computes
+            qi = groups.div_(scale.float()[..., None]).round_().add_(8).clamp_(0, 15)
             packed.append(_pack_int4(qi.view(n, K).to(torch.int32), w.device.type))
-            sz[:, rows, 0] = scale.t()
-            sz[:, rows, 1] = zero.t()
+            scales[:, rows] = scale.t()
         q.weight = torch.cat(packed) if len(packed) > 1 else packed[0]
-        q.scales_and_zeros = gemv.blocked_scales(sz) if q.gemv_layout else sz
+        q._set_scales(scales)
         q.bias = _bias_buffer(linear)
         return q
 
@@ -387,18 +390,18 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemv_layout:  # a decode step on CPU
-            y = gemv.linear_int4(x, self.weight, self.scales_and_zeros, self.bias, self.out_features, self.group_size)
+            y = gemv.linear_int4(x, self.weight, self.scales, self.bias, self.out_features, self.group_size)
             if y is not None:
                 return y
         x2 = x.reshape(-1, self.in_features).contiguous()
-        if self.gemv_layout and gemv.available() and _use_dequantized(x2, self.scales_and_zeros):  # a prefill on CPU
+        if self.gemv_layout and _use_dequantized(x2, self.scales):  # a prefill on CPU
             y = _dequantized_product(x2, self.padded_out, self._dequantize_rows, transposed=True)
         elif x.device.type == "cpu":
             sz = self.pytorch_scales().to(x.dtype)
             with gemv.pytorch_fallback(x, one_row=x2.shape[0] == 1):
                 y = aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
         else:  # tinygemm computes in bf16 only
-            sz = self.scales_and_zeros.to(torch.bfloat16)
+            sz = self.pytorch_scales().to(torch.bfloat16)
             y = aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.weight, self.group_size, sz).to(x.dtype)
         if self.padded_out != self.out_features:
             y = y[:, : self.out_features]
@@ -406,12 +409,22 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def pytorch_scales(self) -> torch.Tensor:
-        """The (scale, zero) pairs as PyTorch's int4 kernels take them, (groups, padded rows, 2)."""
-        return gemv.unblocked_scales(self.scales_and_zeros) if self.gemv_layout else self.scales_and_zeros
+        """The (scale, zero) pairs as PyTorch's int4 kernels take them, (groups, padded rows, 2), the zeros 0."""
+        if not self.gemv_layout:
+            return self.scales_and_zeros
+        scales = gemv.unblocked_scales(self.scales)
+        return torch.stack((scales, torch.zeros_like(scales)), dim=-1)
+
+    def _set_scales(self, scales: torch.Tensor) -> None:
+        """Hold scales (groups, padded rows) in this layer's layout."""
+        if self.gemv_layout:
+            self.scales = gemv.blocked_scales(scales)
+        else:
+            self.scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1)
 
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
         """Rows start .. start + out.shape[1] - 1 of dequantize(torch.bfloat16), transposed into out (K, n)."""
-        if gemv.dequantize_int4_t(self.weight, self.scales_and_zeros, start, out, self.group_size) is None:
+        if gemv.dequantize_int4_t(self.weight, self.scales, start, out, self.group_size) is None:
             raise RuntimeError("gemv.dequantize_int4_t declined a tile it was checked to take")
 
     @torch.no_grad()
@@ -433,18 +446,18 @@ class Int4Linear(nn.Module):
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight this layer multiplies by: W_hat = (q - 8) * scale + zero, per group."""
+        """The weight this layer multiplies by: W_hat = (q - 8) * scale, per group."""
         G = self.group_size
         q = self.int_weight().float().view(self.out_features, -1, G)
-        sz = self.pytorch_scales()[:, : self.out_features].float()
-        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]
-        return ((q - 8) * scale + zero).view(self.out_features, self.in_features).to(dtype)
+        scale = self.pytorch_scales()[:, : self.out_features, 0].float().t()[..., None]
+        return ((q - 8) * scale).view(self.out_features, self.in_features).to(dtype)
 
     # -- checkpoints: the state dict holds q as plain nibbles, not the device-specific layout --
 
     def _save_to_state_dict(self, destination: Dict[str, Any], prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         q = self.int_weight()
+        destination.pop(prefix + "scales", None)  # (our kernel's layout: the portable form is the pairs below)
         destination[prefix + "weight"] = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # (N, K/2)
         destination[prefix + "scales_and_zeros"] = self.pytorch_scales()[:, : self.out_features].clone()
 
@@ -463,12 +476,19 @@ class Int4Linear(nn.Module):
                     f"{key_sz}: shape {tuple(sz.shape)} does not match group size {self.group_size}"
                     " (quantize the model with the checkpoint's group size before loading it)"
                 )
+            if sz[..., 1].any():
+                raise UserError(f"{key_sz}: nonzero int4 zero points (asymmetric int4 from an older lit_gpt); "
+                                "quantize the model again")
             state_dict = dict(state_dict)  # do not change the caller's dict
             state_dict[key_w] = self._pack_nibbles(nibbles)
-            padded = torch.zeros(sz.shape[0], self.padded_out, 2, dtype=self.scales_and_zeros.dtype,
-                                 device=self.scales_and_zeros.device)
-            padded[:, : self.out_features] = sz.to(padded.device, padded.dtype)
-            state_dict[key_sz] = gemv.blocked_scales(padded) if self.gemv_layout else padded
+            held = self.scales if self.gemv_layout else self.scales_and_zeros
+            padded = torch.zeros(sz.shape[0], self.padded_out, dtype=held.dtype, device=held.device)
+            padded[:, : self.out_features] = sz[..., 0].to(padded.device, padded.dtype)
+            if self.gemv_layout:
+                del state_dict[key_sz]
+                state_dict[prefix + "scales"] = gemv.blocked_scales(padded)
+            else:
+                state_dict[key_sz] = torch.stack((padded, torch.zeros_like(padded)), dim=-1)
             # the parent call reads from this local dict: it is not the caller's
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

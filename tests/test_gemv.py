@@ -169,9 +169,9 @@ def test_int4_dequantize_kernel_gives_dequantize_in_bf16_exactly(group_size, in_
     q = Int4Linear.from_linear(_bf16_linear(in_features, out_features), group_size)
     expected = q.dequantize(torch.bfloat16)
     out = torch.empty(in_features, 128, dtype=torch.bfloat16)  # rows 64 .. 191, transposed
-    assert gemv.dequantize_int4_t(q.weight, q.scales_and_zeros, 64, out, group_size) is out
+    assert gemv.dequantize_int4_t(q.weight, q.scales, 64, out, group_size) is out
     assert torch.equal(out.t(), expected[64:192])
-    assert gemv.dequantize_int4_t(q.weight, q.scales_and_zeros, 32, out, group_size) is None  # not a 64-row block
+    assert gemv.dequantize_int4_t(q.weight, q.scales, 32, out, group_size) is None  # not a 64-row block
 
 
 @needs_kernels
@@ -280,7 +280,7 @@ def _bf16(*shape: int) -> torch.Tensor:
 
 W, X, Q, K = _bf16(64, 32), _bf16(1, 32), _bf16(1, 2, 1, 16), _bf16(1, 2, 8, 16)
 QKV, COS, POS = _bf16(1, 1, 96), torch.ones(1, 8), torch.tensor([3])  # 2 heads, 2 groups: 2 * 3 * 16
-INT4, INT4_SZ = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 1, 64, 2)  # scales block by block
+INT4, INT4_SCALES = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 1, 64)  # scales block by block
 DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok` call that they take
     "ok": lambda: gemv.linear_bf16(X, W, None),
     "float32 row": lambda: gemv.linear_bf16(X.float(), W, None),
@@ -295,11 +295,11 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
     "int8 ok": lambda: gemv.linear_int8(X, W.to(torch.int8), _bf16(64), None),
     "int8 float32 scales": lambda: gemv.linear_int8(X, W.to(torch.int8), torch.ones(64), None),
     "int8 bf16 weight": lambda: gemv.linear_int8(X, W, _bf16(64), None),
-    "int4 ok": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 60, 32),
-    "int4 rows not whole blocks of 64": lambda: gemv.linear_int4(X, INT4[:48], INT4_SZ[:, :, :48], None, 40, 32),
-    "int4 scales in PyTorch's layout": lambda: gemv.linear_int4(X, INT4, _bf16(1, 64, 2), None, 60, 32),
-    "int4 group size not dividing": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 60, 24),
-    "int4 more outputs than rows": lambda: gemv.linear_int4(X, INT4, INT4_SZ, None, 65, 32),
+    "int4 ok": lambda: gemv.linear_int4(X, INT4, INT4_SCALES, None, 60, 32),
+    "int4 rows not whole blocks of 64": lambda: gemv.linear_int4(X, INT4[:48], INT4_SCALES[:, :, :48], None, 40, 32),
+    "int4 scales as PyTorch's pairs": lambda: gemv.linear_int4(X, INT4, _bf16(1, 64, 2), None, 60, 32),
+    "int4 group size not dividing": lambda: gemv.linear_int4(X, INT4, INT4_SCALES, None, 60, 24),
+    "int4 more outputs than rows": lambda: gemv.linear_int4(X, INT4, INT4_SCALES, None, 65, 32),
     "attend_one ok": lambda: gemv.attend_one(Q, K, K, POS, 0.25),
     "attend_one two queries": lambda: gemv.attend_one(Q.expand(1, 2, 2, 16).contiguous(), K, K, POS, 0.25),
     "attend_one head over MAX_HEAD_SIZE": lambda: gemv.attend_one(
@@ -588,7 +588,7 @@ bf16, K, S = torch.bfloat16, 1 << 25, 1 << 25
 # thread (zero-filled inputs are only reserved address space, not memory)
 one, row = torch.ones(1, dtype=bf16), torch.ones(1, K, dtype=bf16)
 int8, int4 = torch.zeros(1, K, dtype=torch.int8), torch.zeros(64, K // 2, dtype=torch.uint8)
-int4_scales = torch.zeros(1, K // 32, 64, 2, dtype=bf16)  # block by block
+int4_scales = torch.zeros(1, K // 32, 64, dtype=bf16)  # block by block
 k, v, q, qkv = (torch.zeros(1, 1, S, 8, dtype=bf16), torch.zeros(1, 1, S, 8, dtype=bf16),
                 torch.ones(1, 1, 1, 8, dtype=bf16), torch.ones(1, 1, 24, dtype=bf16))
 cos, sin, pos = torch.ones(1, 8), torch.zeros(1, 8), torch.tensor([S - 1])

@@ -102,7 +102,7 @@ def test_another_dtype_or_int4_layout_is_quantized_at_load_with_a_note(ckpt, cap
     out = quantize_and_save(ckpt, "int4", 32)
     model = load_model(ckpt, dtype=torch.float32, quantize="int4")
     assert "holds bfloat16 scales, not float32" in capfd.readouterr().err
-    assert model.lm_head.scales_and_zeros.dtype == torch.float32
+    assert model.lm_head.pytorch_scales().dtype == torch.float32
 
     about = json.loads(out.with_suffix(".json").read_text())
     out.with_suffix(".json").write_text(json.dumps({**about, "int4_layout": "0123456789abcdef"}))
