@@ -399,10 +399,12 @@ def test_quantized_new_block_through_load_and_saved(tmp_path, mode, monkeypatch)
     quantized = load_model(tmp_path, quantize=mode, use_saved=False)
     assert type(quantized.lm_head).__name__ == ("Int8Linear" if mode == "int8" else "Int4Linear")
     assert quantized.transformer.wte.weight.dtype == torch.bfloat16
-    idx = torch.randint(0, 512, (1, 30))
+    idx = torch.randint(0, 512, (1, 30), generator=torch.Generator().manual_seed(0))
     ours, _ = _decode(quantized, idx)
     reference, _ = _decode(bf16, idx)
-    assert F.cosine_similarity(ours.float().flatten(), reference.float().flatten(), dim=0) > 0.98
+    # (symmetric int4, as q4_0, errs ~10% more than a scale and a zero per group on these random weights)
+    similarity = F.cosine_similarity(ours.float().flatten(), reference.float().flatten(), dim=0)
+    assert similarity > (0.99 if mode == "int8" else 0.97), similarity
     if BUILDABLE:
         assert spy.calls >= 25 * (4 * 2 + 1)
     save_quantized(quantized, tmp_path, show_progress=False)
