@@ -198,7 +198,7 @@ class Engine:
         chunk = ids[slot.fed:slot.fed + self.prefill_chunk]
         idx = torch.tensor([chunk], device=self.device)
         pos = torch.arange(slot.fed, slot.fed + len(chunk), device=self.device)
-        logits = self.model(idx, pos, row=i)
+        logits = self.model(idx, pos, row=i, last_only=True)
         slot.fed += len(chunk)
         if slot.fed == len(ids):
             slot.position = len(ids)

@@ -129,11 +129,11 @@ def generate_tokens(
     _ensure_kv_cache(model, B, start_pos + max_returned_tokens, start_pos)
     device = prompt.device
 
-    # prefill, in chunks so that a long prompt never materialises (B, T, vocab) logits at once
+    # prefill, in chunks (a long prompt's activations stay bounded), each giving only its last position's logits
     for begin in range(0, T, PREFILL_CHUNK):
         chunk = prompt[:, begin:begin + PREFILL_CHUNK]
         pos = torch.arange(start_pos + begin, start_pos + begin + chunk.size(1), device=device)
-        logits = model(chunk, pos)
+        logits = model(chunk, pos, last_only=True)
     token = sample(logits[:, -1], temperature, top_k, top_p, generator)
     yield token
 

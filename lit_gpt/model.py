@@ -115,8 +115,9 @@ class GPT(nn.Module):
     # as the graph, _sync_rope not (disabled: it reads positions on the host and may run a prefill)
     @torch.compiler.disable(recursive=False)
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                row: Optional[int] = None) -> torch.Tensor:
-        """Logits for token ids `idx` (B, T).
+                row: Optional[int] = None, last_only: bool = False) -> torch.Tensor:
+        """Logits for token ids `idx` (B, T); with `last_only`, for the last position only, (B, 1, vocab) (a
+        prefill, which samples from those alone: the LM head is ~5% of a prefill's arithmetic).
 
         Without `input_pos`: a plain causal forward over positions 0..T-1 (training, scoring).
         With `input_pos` (T positions): tokens are written into the KV cache at those positions and
@@ -135,10 +136,10 @@ class GPT(nn.Module):
             else:
                 cache_ids = self._cache_ids if row is None else self._cache_ids[row:row + 1]
                 cache_ids.index_copy_(1, input_pos, idx)
-        return self._forward(idx, input_pos, row=row)
+        return self._forward(idx, input_pos, row=row, last_only=last_only)
 
     def _forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor], logits: bool = True,
-                 row: Optional[int] = None) -> torch.Tensor:
+                 row: Optional[int] = None, last_only: bool = False) -> torch.Tensor:
         T = idx.size(1)
         c = self.config
         if input_pos is None:
@@ -157,6 +158,8 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)
         for block in self.transformer.h:
             x = block(x, cos, sin, input_pos, window)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)) if logits else x
 
     @torch.compiler.disable

@@ -68,6 +68,23 @@ def test_prefill_on_top_of_cache_matches_full_forward(pair):
     torch.testing.assert_close(torch.cat((first, second), dim=1), expected, atol=1e-5, rtol=0)
 
 
+def test_a_prefill_for_its_last_logits_gives_them_and_the_same_cache(pair):
+    """last_only (generate's and the server's prefill) computes the LM head for the last position alone."""
+    hf, ours = pair
+    idx = torch.randint(0, 51200, (2, 12))
+    with torch.no_grad():
+        expected = hf(idx).logits[:, -1:]
+        ours.set_kv_cache(batch_size=2, max_seq_length=16)
+        last = ours(idx, torch.arange(12), last_only=True)
+        step = ours(idx[:, :1], torch.tensor([12]))  # the cache it left holds the whole prompt
+        ours.set_kv_cache(batch_size=2, max_seq_length=16)
+        ours(idx, torch.arange(12))
+        reference_step = ours(idx[:, :1], torch.tensor([12]))
+    assert last.shape == (2, 1, expected.shape[-1])
+    torch.testing.assert_close(last, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step, reference_step, atol=0, rtol=0)
+
+
 def test_cache_rejects_context_beyond_block_size(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="exceeds the model's context"):
