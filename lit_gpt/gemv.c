@@ -387,25 +387,33 @@ static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, 
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
-// N: rows as stored (a multiple of 64); the first n_out rows are written to y. K: a multiple of group,
-// group a multiple of 32 (PyTorch's packing allows 32, 64, 128, 256).
+// y (M, n_out) = x (M, K) W^T + bias, 1 <= M <= FEW_ROWS (a decode step of one sequence or of a batch).
+// N: rows as stored (a multiple of 64); the first n_out rows are written. K: a multiple of group, group a
+// multiple of 32 (PyTorch's packing allows 32, 64, 128, 256). With several rows of x each block of weights
+// (64 rows: 80 KB at K = 2560) is read from memory once and from the L2 cache for the other rows; a row of x
+// holding an infinity or NaN gives a row of NaN, as a float product would.
 int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
-              uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group) {
-    q8_x f;
-    int ready = q8_x_ready(&f, x, K, y, n_out);
-    if (ready != 1) return ready;
+              uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
+    q8_x f[FEW_ROWS];
+    int64_t made = 0;
+    for (; made < M; made++)
+        if (!q8_x_make(&f[made], x + made * K, K)) break;
     int64_t blocks = N / INT4_BLOCK;
+    if (made == M) {
 #pragma omp parallel for schedule(dynamic, chunk_of(INT4_BLOCK * K / 2))
-    for (int64_t b = 0; b < blocks; b++) {
-        float out[INT4_BLOCK];
-        block_int4(w + b * INT4_BLOCK * K / 2, scales + b * INT4_BLOCK * (K / group), &f, K, group, out);
-        for (int r = 0; r < INT4_BLOCK; r++) {
-            int64_t n = b * INT4_BLOCK + r;
-            if (n < n_out) y[n] = f32_to_bf16(out[r] + bias_at(bias, n));
+        for (int64_t b = 0; b < blocks; b++) {
+            for (int64_t m = 0; m < M; m++) {
+                float out[INT4_BLOCK];
+                block_int4(w + b * INT4_BLOCK * K / 2, scales + b * INT4_BLOCK * (K / group), &f[m], K, group, out);
+                for (int r = 0; r < INT4_BLOCK; r++) {
+                    int64_t n = b * INT4_BLOCK + r;
+                    if (n < n_out) y[m * n_out + n] = f[m].finite ? f32_to_bf16(out[r] + bias_at(bias, n)) : 0x7FC0;
+                }
+            }
         }
     }
-    q8_x_free(&f);
-    return 0;
+    for (int64_t m = 0; m < made; m++) q8_x_free(&f[m]);
+    return made == M ? 0 : OUT_OF_MEMORY;
 }
 
 // ---- dequantization into bf16, for products of many rows (prefill) ---------------------------------------

@@ -34,7 +34,7 @@ from lit_gpt.utils import atomic_path, first_line
 SOURCE = Path(__file__).with_name("gemv.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi")
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
-FEW_ROWS = 8  # the most rows linear_bf16 takes (a decode step of a batch of sequences); gemv.c gets it as well
+FEW_ROWS = 8  # the most rows linear_bf16/int4 take (a decode step of a batch of sequences); gemv.c gets it as well
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
           "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}",
           f"-DFEW_ROWS={FEW_ROWS}"]
@@ -172,7 +172,7 @@ def _run_int4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor],
               group_size: int) -> Tensor:
     x, y = x.contiguous(), _int4_empty(x, packed, scales, bias, out_features, group_size)
     _check(_lib.gemv_int4(packed.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(),
-                          packed.shape[0], out_features, x.shape[-1], group_size))
+                          packed.shape[0], out_features, x.shape[-1], group_size, x.numel() // x.shape[-1]))
     return y
 
 
@@ -228,7 +228,7 @@ def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tens
 _P, _I64, _F32, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _GEMV_BF16 = _Kernel("gemv_bf16", None, (_P,) * 4 + (_I64,) * 3, _run_bf16, "linear_bf16", _rows_empty)
 _GEMV_INT8 = _Kernel("gemv_int8", _STATUS, (_P,) * 5 + (_I64,) * 2, _run_int8, "linear_int8", _rows_empty)
-_GEMV_INT4 = _Kernel("gemv_int4", _STATUS, (_P,) * 5 + (_I64,) * 4, _run_int4, "linear_int4", _int4_empty)
+_GEMV_INT4 = _Kernel("gemv_int4", _STATUS, (_P,) * 5 + (_I64,) * 5, _run_int4, "linear_int4", _int4_empty)
 _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), _run_attend_one, "attend_one",
                       _attend_empty)
 # eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
@@ -294,13 +294,13 @@ def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor
 
 def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int,
                 group_size: int) -> Optional[Tensor]:
-    """One bf16 row x times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
+    """bf16 x of 1 to FEW_ROWS rows times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
     padded to a multiple of 64), W = (q - 8) * scale per group of group_size inputs, plus bias; bf16 scales block
     by block, (rows / 64, in_features / group_size, 64) (see blocked_scales), and bias. None where the kernels
     cannot take these inputs. The caller knows that this torch packs int4 in that layout (lit_gpt.quantize checks
     it)."""
     rows, K = packed.shape[0], x.shape[-1]
-    if (packed.dtype == torch.uint8 and _one_row(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
+    if (packed.dtype == torch.uint8 and _few_rows(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
             and 0 < out_features <= rows and group_size > 0 and group_size % 32 == 0 and K % group_size == 0
             and scales.dtype == _BF16 and scales.shape == (rows // 64, K // group_size, 64)
             and _bf16_vector(bias, out_features) and _usable(x, packed, scales, bias)):

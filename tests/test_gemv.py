@@ -111,8 +111,23 @@ def test_int4_kernel_matches_dequantized_weight_and_pytorch(group_size, in_featu
     y = q(x)
     assert spy.calls == 1
     _assert_close(y, F.linear(_x8(x), q.dequantize(), q.bias.float()))
-    # PyTorch's own kernel on the same packed weight (two rows take its path), with x as it is
-    _assert_close(q(x.expand(1, 2, in_features))[:, :1], F.linear(x.float(), q.dequantize(), q.bias.float()))
+    # PyTorch's own kernel on the same packed weight (more rows than ours take), with x as it is
+    many = x.expand(1, gemv.FEW_ROWS + 1, in_features)
+    _assert_close(q(many)[:, :1], F.linear(x.float(), q.dequantize(), q.bias.float()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [2, 3, gemv.FEW_ROWS])
+@pytest.mark.parametrize(("in_features", "out_features", "group_size"), [(256, 64, 32), (2560, 250, 128)])  # 250: stored as 256 rows
+def test_int4_kernel_takes_a_few_rows(rows, in_features, out_features, group_size, monkeypatch):
+    """A decode step of several sequences: each row as the one-row product gives it (its own 8-bit activations)."""
+    spy = Spy(monkeypatch, "linear_int4")
+    q = Int4Linear.from_linear(_bf16_linear(in_features, out_features), group_size)
+    x = torch.randn(rows, 1, in_features).to(torch.bfloat16) * 4
+    y = q(x)
+    assert spy.calls == 1 and y.shape == (rows, 1, out_features)
+    _assert_close(y, F.linear(torch.stack([_x8(row) for row in x]), q.dequantize(), q.bias.float()))
+    assert torch.equal(y[1], q(x[1:2])[0])  # bit for bit the one-row product
 
 
 def _quantized(kind: str, in_features: int, out_features: int):
@@ -146,6 +161,9 @@ def test_quantized_kernels_pass_a_nan_or_infinite_activation_on(kind, bad):
     x = _row(512)
     x[..., 7] = bad
     assert torch.isnan(q(x)).all()
+    if kind == "int4":  # in a step of several sequences: that sequence's row only
+        y = q(torch.cat([_row(512), x, _row(512)]))
+        assert torch.isnan(y[1]).all() and not torch.isnan(y[0]).any() and not torch.isnan(y[2]).any()
 
 
 @needs_kernels
