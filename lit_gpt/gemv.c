@@ -137,7 +137,8 @@ static void pass_bf16(const uint16_t *w, const uint16_t *x, int64_t K, int M, in
 }
 
 // one row: y[n] = bias[n] + sum_k w[n, k] x[k]
-static void gemv_bf16_one(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K) {
+static void gemv_bf16_one(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N,
+                          int64_t K) {
     int R = 4 * K > WIDE_ROW_BYTES ? ROWS : 1;  // a row and x: 2 + 2 bytes per column
 #pragma omp parallel for schedule(dynamic, chunk_of(R * K * 2))
     for (int64_t n = 0; n < N; n += R) {
@@ -152,8 +153,8 @@ static void gemv_bf16_one(const uint16_t *w, const uint16_t *x, const uint16_t *
 }
 
 // 2 <= M <= FEW_ROWS rows
-static void gemv_bf16_few(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N, int64_t K,
-                   int64_t M) {
+static void gemv_bf16_few(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, int64_t N,
+                          int64_t K, int64_t M) {
     const int R = rows_per_pass((int)M);
 #pragma omp parallel for schedule(dynamic, chunk_of(R * K * 2))
     for (int64_t n = 0; n < N; n += R) {
@@ -325,8 +326,9 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 // q4_0: 4.5 bits a weight with groups of 32), the bf16 scales stored block by block as the kernel reads them,
 // (N / 64, K / group, 64) (lit_gpt/quantize.py keeps them so: PyTorch's (K / group, N, 2) pairs of scale and
 // zero put a block's scales N * 4 bytes apart, one stream per group, and decode ran 8-13% slower reading them
-// there, even with each block's scales prefetched a block ahead). vpdpbusd needs each row's four consecutive columns in one 32-bit lane:
-// one byte permute over the 128 bytes of four columns gathers them for 16 rows (32 with both nibbles).
+// there, even with each block's scales prefetched a block ahead). vpdpbusd needs each row's four consecutive
+// columns in one 32-bit lane: one byte permute over the 128 bytes of four columns gathers them for 16 rows (32
+// with both nibbles).
 // Per group g of columns (a whole number of activation blocks b, each with its step s_b and sum X_b):
 //   sum_{k in g} W x = scale * (sum_b s_b sum_{k in b} q xq - 8 sum_b X_b).
 
@@ -336,7 +338,7 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 // int8, with less arithmetic per byte, gained nothing)
 #define INT4_AHEAD 2048
 
-// one block of 64 rows: out[r] = sum_k W[r, k] x[k]; next: whether a block follows (to prefetch its scales)
+// one block of 64 rows: out[r] = sum_k W[r, k] x[k]; scales: the block's, (K / group, 64)
 static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, int64_t K, int64_t group,
                        float *out) {
     // byte 4 j + m of the permute's output is byte j of column k + m (the first 16 rows; +16: the next 16)
@@ -619,7 +621,8 @@ int attend_decode(const uint16_t *qkv, const float *cos, const float *sin, uint1
         int64_t b = per_row ? bg / n_groups : 0, at = (bg * S + pos[b]) * hs;
         const uint16_t *group = qkv + bg * stride;
         const float *c = cos + b * n_elem, *s = sin + b * n_elem;
-        for (int64_t h = 0; h < q_per_kv; h++) rope_bf16(group + h * hs, c, s, q + (bg * q_per_kv + h) * hs, hs, n_elem);
+        for (int64_t h = 0; h < q_per_kv; h++)
+            rope_bf16(group + h * hs, c, s, q + (bg * q_per_kv + h) * hs, hs, n_elem);
         rope_bf16(group + q_per_kv * hs, c, s, k + at, hs, n_elem);
         memcpy(v + at, group + (q_per_kv + 1) * hs, hs * sizeof(uint16_t));
     }

@@ -6,8 +6,8 @@ on these machines and its packed int8 kernel does worse; gemv.c reads each weigh
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
 One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one` and `attend_decode` return
-the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or shapes,
-autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
+the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or
+shapes, autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
 inside `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
 ~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
 instructions, another OS) or LIT_GPT_GEMV=0 is set, every call returns None and `available()` is False.
@@ -36,8 +36,8 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "a
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
 FEW_ROWS = 8  # the most rows linear_bf16/int4 take (a decode step of a batch of sequences); gemv.c gets it as well
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
-          "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared", f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}",
-          f"-DFEW_ROWS={FEW_ROWS}"]
+          "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared",
+          f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}", f"-DFEW_ROWS={FEW_ROWS}"]
 _BF16 = torch.bfloat16
 
 _lib: Optional[ctypes.CDLL] = None
@@ -141,6 +141,9 @@ def _ptr(t: Optional[Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
+_OUT_OF_CACHE = -2  # attend_decode's answer for a position outside the cache (gemv.c's OUT_OF_CACHE)
+
+
 def _check(status: int) -> None:
     # the int8/int4 products and the attention return -1 where their scratch memory could not be allocated
     if status != 0:
@@ -219,7 +222,7 @@ def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tens
     status = _lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
                                 y.data_ptr(), B, n_head, n_groups, S, positions.data_ptr(), positions.numel() > 1,
                                 window, head_size, rope_n_elem, scale)
-    if status == -2:
+    if status == _OUT_OF_CACHE:
         raise IndexError(f"a position of {positions.tolist()} is outside the cache of {S} positions")
     _check(status)
     return y
@@ -294,11 +297,11 @@ def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor
 
 def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int,
                 group_size: int) -> Optional[Tensor]:
-    """bf16 x of 1 to FEW_ROWS rows times an int4 weight in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, rows
-    padded to a multiple of 64), W = (q - 8) * scale per group of group_size inputs, plus bias; bf16 scales block
-    by block, (rows / 64, in_features / group_size, 64) (see blocked_scales), and bias. None where the kernels
-    cannot take these inputs. The caller knows that this torch packs int4 in that layout (lit_gpt.quantize checks
-    it)."""
+    """bf16 x of 1 to FEW_ROWS rows times an int4 weight in PyTorch's CPU layout
+    (aten._convert_weight_to_int4pack_for_cpu, rows padded to a multiple of 64), W = (q - 8) * scale per group of
+    group_size inputs, plus bias; bf16 scales block by block, (rows / 64, in_features / group_size, 64) (see
+    blocked_scales), and bias. None where the kernels cannot take these inputs. The caller knows that this torch
+    packs int4 in that layout (lit_gpt.quantize checks it)."""
     rows, K = packed.shape[0], x.shape[-1]
     if (packed.dtype == torch.uint8 and _few_rows(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
             and 0 < out_features <= rows and group_size > 0 and group_size % 32 == 0 and K % group_size == 0

@@ -14,7 +14,7 @@ The kernels (measured with scripts/bench_kernels.py; see the numbers there):
 - int4, group-wise, symmetric (as llama.cpp's q4_0): `W ~ (q - 8) * scale[n, g]`, q in [0, 15], one scale per
   `group_size` consecutive inputs (4.5 bits a weight with groups of 32). PyTorch's kernels take (scale, zero)
   pairs (tinygemm's convention), the zero here 0.
-  CPU: `aten._weight_int4pack_mm_for_cpu`, for one bf16 row our gemv.c kernel (8-bit activations,
+  CPU: `aten._weight_int4pack_mm_for_cpu`, for 1-8 bf16 rows our gemv.c kernel (8-bit activations,
   as for int8), which reads the same packed weight, and for many bf16 rows bf16 tiles as for int8;
   CUDA: `aten._weight_int4pack_mm` (tinygemm, bf16 only).
   The packed weight layout is the kernel's own and differs per device (and per CPU instruction
@@ -57,7 +57,8 @@ _UNPACK_CHUNK_ELEMENTS = 1 << 20
 # Products of at least this many rows (a prompt's prefill) on the CPU multiply by the weight dequantized to bf16,
 # a tile of rows at a time, with the bf16 matrix product: PyTorch's packed int8/int4 kernels are several times
 # slower than it on many rows, and the dequantization (about one read of the weights) is shared by all rows.
-# Fewer rows (decode steps of a few sequences) stay on the packed kernels, which read the weights only once.
+# Fewer rows (decode steps of a few sequences) read the weights once: int4 up to gemv.FEW_ROWS through our kernel,
+# the rest through PyTorch's packed kernels.
 DEQUANTIZED_MIN_ROWS = 16
 # A tile: 4M bf16 values (8 MB: it stays in the L3 while the product reads it), in one scratch buffer per
 # thread that every layer reuses, so memory grows by one tile, not by a dequantized copy of any layer.
@@ -343,10 +344,7 @@ class Int4Linear(nn.Module):
         self.gemv_layout = device.type == "cpu" and self.padded_out % 64 == 0 and _gemv_reads_cpu_int4()
         groups = in_features // group_size
         self.register_buffer("weight", torch.zeros(shape, dtype=dtype_packed, device=device))
-        if self.gemv_layout:
-            self.register_buffer("scales", torch.zeros(self.padded_out // 64, groups, 64, dtype=dtype, device=device))
-        else:
-            self.register_buffer("scales_and_zeros", torch.zeros(groups, self.padded_out, 2, dtype=dtype, device=device))
+        self.register_buffer(*self._held_scales(torch.zeros(groups, self.padded_out, dtype=dtype, device=device)))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
     @classmethod
@@ -372,7 +370,7 @@ class Int4Linear(nn.Module):
             packed.append(_pack_int4(qi.view(n, K).to(torch.int32), w.device.type))
             scales[:, rows] = scale.t()
         q.weight = torch.cat(packed) if len(packed) > 1 else packed[0]
-        q._set_scales(scales)
+        setattr(q, *q._held_scales(scales))
         q.bias = _bias_buffer(linear)
         return q
 
@@ -415,12 +413,11 @@ class Int4Linear(nn.Module):
         scales = gemv.unblocked_scales(self.scales)
         return torch.stack((scales, torch.zeros_like(scales)), dim=-1)
 
-    def _set_scales(self, scales: torch.Tensor) -> None:
-        """Hold scales (groups, padded rows) in this layer's layout."""
+    def _held_scales(self, scales: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """The buffer's name and value that hold scales (groups, padded rows) in this layer's layout."""
         if self.gemv_layout:
-            self.scales = gemv.blocked_scales(scales)
-        else:
-            self.scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1)
+            return "scales", gemv.blocked_scales(scales)
+        return "scales_and_zeros", torch.stack((scales, torch.zeros_like(scales)), dim=-1)
 
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
         """Rows start .. start + out.shape[1] - 1 of dequantize(torch.bfloat16), transposed into out (K, n)."""
@@ -484,11 +481,9 @@ class Int4Linear(nn.Module):
             held = self.scales if self.gemv_layout else self.scales_and_zeros
             padded = torch.zeros(sz.shape[0], self.padded_out, dtype=held.dtype, device=held.device)
             padded[:, : self.out_features] = sz[..., 0].to(padded.device, padded.dtype)
-            if self.gemv_layout:
-                del state_dict[key_sz]
-                state_dict[prefix + "scales"] = gemv.blocked_scales(padded)
-            else:
-                state_dict[key_sz] = torch.stack((padded, torch.zeros_like(padded)), dim=-1)
+            del state_dict[key_sz]
+            name, value = self._held_scales(padded)
+            state_dict[prefix + name] = value
             # the parent call reads from this local dict: it is not the caller's
             return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -118,7 +118,8 @@ def test_int4_kernel_matches_dequantized_weight_and_pytorch(group_size, in_featu
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [2, 3, gemv.FEW_ROWS])
-@pytest.mark.parametrize(("in_features", "out_features", "group_size"), [(256, 64, 32), (2560, 250, 128)])  # 250: stored as 256 rows
+@pytest.mark.parametrize(("in_features", "out_features", "group_size"),
+                         [(256, 64, 32), (2560, 250, 128)])  # 250: stored as 256 rows
 def test_int4_kernel_takes_a_few_rows(rows, in_features, out_features, group_size, monkeypatch):
     """A decode step of several sequences: each row as the one-row product gives it (its own 8-bit activations)."""
     spy = Spy(monkeypatch, "linear_int4")
@@ -582,8 +583,8 @@ def test_fused_decode_takes_each_sequence_at_its_own_position(monkeypatch, name,
 
 
 @needs_kernels
-def test_fused_decode_attention_leaves_a_full_cache_to_pytorch():
-    """A position past the cache is not written out of bounds: the PyTorch path raises its own error."""
+def test_a_decode_step_past_the_cache_raises_without_writing_out_of_bounds():
+    """A position past the cache is not written out of bounds: attend_decode, or the PyTorch path, raises."""
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
 
