@@ -228,6 +228,12 @@ def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tens
     return y
 
 
+def _run_gelu_tanh(x: Tensor) -> Tensor:
+    y = torch.empty_like(x)
+    _lib.gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel())
+    return y
+
+
 _P, _I64, _F32, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _GEMV_BF16 = _Kernel("gemv_bf16", None, (_P,) * 4 + (_I64,) * 3, _run_bf16, "linear_bf16", _rows_empty)
 _GEMV_INT8 = _Kernel("gemv_int8", _STATUS, (_P,) * 5 + (_I64,) * 2, _run_int8, "linear_int8", _rows_empty)
@@ -237,12 +243,13 @@ _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), 
 # eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
 _ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
                          _run_attend_decode)
+_GELU_TANH = _Kernel("gelu_tanh", None, (_P, _P, _I64), _run_gelu_tanh, "gelu_tanh", _attend_empty)
 # eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
 _QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
 _DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)
 _DEQUANTIZE_INT4_T = _Kernel("dequantize_int4_t", None, (_P,) * 3 + (_I64,) * 4, _run_dequantize_int4_t)
-_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _QUANTIZE_X8, _DEQUANTIZE_INT8,
-            _DEQUANTIZE_INT4_T)
+_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _QUANTIZE_X8,
+            _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
 
 
 # ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
@@ -395,6 +402,14 @@ def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, i
             and sin.is_floating_point() and window >= 0 and cos.numel() == sin.numel() == rows * rope_n_elem
             and _usable(qkv, cos, sin, k, v, input_pos)):
         return _ATTEND_DECODE(qkv, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, window)
+    return None
+
+
+def gelu_tanh(x: Tensor) -> Optional[Tensor]:
+    """F.gelu(x, approximate="tanh") for the few bf16 rows of a decode step: equal for x above -2.9, closer to the
+    exact value below (see gemv.c); None where the kernels cannot take x."""
+    if x.dtype == _BF16 and x.dim() > 0 and x.numel() <= FEW_ROWS * x.shape[-1] and _usable(x):
+        return _GELU_TANH(x)
     return None
 
 

@@ -320,7 +320,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.gated:
-            return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+            h = self.fc(x)
+            g = gemv.gelu_tanh(h)  # a decode step on CPU
+            return self.proj(F.gelu(h, approximate="tanh") if g is None else g)
         gate, up = self.fc(x).chunk(2, dim=-1)
         return self.proj(F.silu(gate) * up)
 

@@ -331,6 +331,11 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
                                                                                POS.repeat(2), 2, 8, 0.25),
     "attend_decode two tokens": lambda: gemv.attend_decode(QKV.expand(1, 2, 96).contiguous(), COS, COS, K.clone(),
                                                            K.clone(), POS, 2, 8, 0.25),
+    "gelu ok": lambda: gemv.gelu_tanh(X),
+    "gelu float32": lambda: gemv.gelu_tanh(X.float()),
+    "gelu more rows than FEW_ROWS": lambda: gemv.gelu_tanh(X.expand(gemv.FEW_ROWS + 1, 32).contiguous()),
+    "gelu needing grad": lambda: gemv.gelu_tanh(X.clone().requires_grad_()),
+    "gelu non-contiguous": lambda: gemv.gelu_tanh(X.expand(2, 32).t()),
     "attend_decode qkv of another width": lambda: gemv.attend_decode(QKV[..., :80], COS, COS, K.clone(), K.clone(),
                                                                      POS, 2, 8, 0.25),
 }
@@ -495,7 +500,7 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
 
-    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "attend_decode")]
+    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "attend_decode"), Spy(monkeypatch, "gelu_tanh")]
     config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, intermediate_size=1024, block_size=64,
                               vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
     torch.manual_seed(0)
@@ -507,6 +512,7 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     decoded = _prefill_then_decode(model, idx).float()
     # the 5-token prefill and every one-row step took the kernels
     assert spies[0].calls == (1 + gemv.FEW_ROWS) * (2 * 4 + 1) and spies[1].calls == gemv.FEW_ROWS * 2
+    assert spies[2].calls == (1 + gemv.FEW_ROWS) * 2
     err = (decoded - full[:, 4:]).abs().max().item()
     assert err <= 0.03 * full.abs().max().item(), err
 
@@ -634,6 +640,35 @@ print("after", small.item())
 
 
 @pytest.mark.slow
+def _every_bf16(low: float, high: float) -> torch.Tensor:
+    """Every finite bf16 value in [low, high] but those under 1e-37 in size (subnormal results, which the
+    kernels' rounding to bf16, as vcvtneps2bf16 does, flushes to zero), as one row."""
+    every = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    normal = (every == 0) | (every.abs() >= 1e-37)
+    return every[torch.isfinite(every) & normal & (every >= low) & (every <= high)].unsqueeze(0)
+
+
+@needs_kernels
+def test_gelu_kernel_equals_pytorchs_above_minus_2_9_and_is_closer_to_exact_below():
+    x = _every_bf16(-2.9, 1e4)
+    assert torch.equal(gemv.gelu_tanh(x), F.gelu(x, approximate="tanh"))
+    x = _every_bf16(-6, -2.9)  # where PyTorch's 1 + tanh(u) cancels
+    exact = F.gelu(x.double(), approximate="tanh")
+    ours, pytorchs = (gemv.gelu_tanh(x).double() - exact).abs(), (F.gelu(x, approximate="tanh").double() - exact).abs()
+    assert (ours <= pytorchs).all() and (ours < pytorchs).any()
+    special = torch.tensor([[float("inf"), float("-inf"), float("nan"), -0.0, -1e30, 3e38]], dtype=torch.bfloat16)
+    assert torch.equal(gemv.gelu_tanh(special).isnan(), F.gelu(special, approximate="tanh").isnan())
+    assert torch.equal(gemv.gelu_tanh(special).nan_to_num(), F.gelu(special, approximate="tanh").nan_to_num())
+
+
+@needs_kernels
+def test_gelu_kernel_takes_a_few_rows_of_any_width():
+    torch.manual_seed(0)
+    for shape in [(1, 1, 1), (1, 1, 17), (1, 1, 10240), (gemv.FEW_ROWS, 1, 33)]:
+        x = torch.randn(shape).clamp(min=-2.9).to(torch.bfloat16)
+        assert torch.equal(gemv.gelu_tanh(x), F.gelu(x, approximate="tanh"))
+
+
 @needs_kernels
 def test_kernels_raise_memory_error_when_their_scratch_cannot_be_allocated():
     """The int8/int4 products and the attention allocate scratch memory per call: where that fails they raise
