@@ -1,7 +1,10 @@
-"""Loading a converted checkpoint for inference: memory-mapped, cast or quantized a tensor at a time.
+"""Loading a converted checkpoint for inference: memory-mapped, cast or quantized a tensor at a time, then (on the
+CPU) copied onto huge pages.
 """
 
+import ctypes
 import mmap
+import os
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -120,6 +123,7 @@ def load_model(
     group_size: int = 32,
     use_saved: bool = True,
     show_progress: bool = False,
+    huge_pages: bool = True,
 ) -> GPT:
     """Build a GPT from a converted checkpoint directory, without a second copy of the weights.
 
@@ -132,8 +136,11 @@ def load_model(
     int8/int4 on the CPU load a quantized checkpoint saved by `save_quantized` (scripts/quantize.py)
     instead, where one of that mode, group size and dtype exists and lit_model.pth has not changed
     since (use_saved=False: always quantize). show_progress: show the quantization block by block.
+
+    huge_pages: on the CPU, copy the weights onto transparent huge pages where that is possible (see
+    `onto_huge_pages`): decode steps stream them faster, for a copy at load.
     """
-    from lit_gpt.quantized_checkpoint import load_saved_quantized, usable_saved_quantized
+    from lit_gpt.quantized_checkpoint import load_saved_quantized, stored_tensors, usable_saved_quantized
 
     checkpoint_dir = Path(checkpoint_dir)
     device = torch.device(device)
@@ -143,7 +150,10 @@ def load_model(
     if use_saved and quantize in OWN_QUANTIZE_MODES and device.type == "cpu":
         saved = usable_saved_quantized(checkpoint_dir, quantize, group_size, dtype)
         if saved is not None:
-            return load_saved_quantized(saved, config, quantize, group_size)
+            model = load_saved_quantized(saved, config, quantize, group_size)
+            if huge_pages:  # (the file's tensors: the model's parameters and persistent buffers)
+                onto_huge_pages(model, _FilePages(t for _, t in stored_tensors(model, "")))
+            return model
     state_dict = load_lit_state_dict(checkpoint_dir, config)
     if quantize is not None and quantize.startswith("bnb."):
         return _load_bitsandbytes(config, state_dict, device, dtype or torch.bfloat16, quantize)
@@ -160,7 +170,83 @@ def load_model(
     model.reset_rope_cache(device)
     if quantize:
         _quantize_loaded(model, quantize, group_size, pages, show_progress)
+    if huge_pages and device.type == "cpu":
+        onto_huge_pages(model, pages)
     return model.eval()
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
+TRIM_EVERY = 64 << 20  # bytes moved between two hand-backs of freed memory (a file's pages, malloc's)
+
+
+def onto_huge_pages(model: torch.nn.Module, pages: Optional["_FilePages"] = None) -> bool:
+    """Move the model's CPU tensors into one anonymous mapping advised for transparent huge pages (Linux, THP
+    not off); True if they moved. A decode step streams every weight once: from 4 KB pages (a memory-mapped
+    file's, or malloc's) the hardware prefetchers stop at each page's end and each page costs a TLB entry; from 2 MB
+    ones the same kernels ran faster (README, Benchmarks). The price is a copy at load (with the kernel's first
+    zeroing of those pages). Each tensor's file pages (`pages`) are handed back once it is copied, so the peak stays
+    near the model's size. Left where they are where the weights would not fit easily in the memory available (a
+    checkpoint larger than RAM stays memory-mapped), and where LIT_GPT_HUGE_PAGES=0 is set."""
+    tensors: dict[int, list[torch.Tensor]] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and t.numel():
+            tensors.setdefault(t.data_ptr(), []).append(t)
+    # tensors sharing memory move together only as one and the same view (tied weights); other sharing stays put
+    groups = [ts for ts in tensors.values() if all(t.shape == ts[0].shape and t.stride() == ts[0].stride()
+                                                   and t.dtype == ts[0].dtype for t in ts)]
+    total = sum(_aligned(ts[0].nbytes) for ts in groups)
+    if not groups or total < HUGE_PAGE or not _huge_pages_possible(total):
+        return False
+    region = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without THP
+        region.close()
+        return False
+    offset = -ctypes.addressof(ctypes.c_char.from_buffer(region)) % HUGE_PAGE  # the first huge page's start
+    moved = 0  # bytes since malloc's freed memory was last handed back
+    with torch.no_grad():
+        for ts in groups:
+            old = ts[0].detach()  # the old memory, whichever tensor objects move
+            # (frombuffer holds a reference to the mapping: it lives as long as any tensor in it)
+            raw = torch.frombuffer(region, dtype=torch.uint8, count=old.nbytes, offset=offset)
+            new = raw.view(old.dtype).view(old.shape) if old.dim() else raw.view(old.dtype)[0]
+            if old.is_contiguous():  # piece by piece, each piece's file pages handed back as soon as it is copied
+                source = old.reshape(-1).view(torch.uint8)
+                for begin in range(0, old.nbytes, TRIM_EVERY):
+                    raw[begin:begin + TRIM_EVERY].copy_(source[begin:begin + TRIM_EVERY])
+                    if pages is not None:
+                        pages.release(source[begin:begin + TRIM_EVERY])
+            else:
+                new.copy_(old)
+            for t in ts:
+                t.data = new
+            offset, moved = offset + _aligned(old.nbytes), moved + old.nbytes
+            if pages is not None:
+                pages.release(old)
+                if moved >= TRIM_EVERY:  # malloc's (tensors quantized at load), freed as they moved
+                    pages.trim_heap()
+                    moved = 0
+    if pages is not None:
+        pages.trim_heap()
+    return True
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64  # each tensor on a cache line of its own
+
+
+def _huge_pages_possible(nbytes: int) -> bool:
+    if os.environ.get("LIT_GPT_HUGE_PAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        if "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+            return False
+        available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    return nbytes <= available // 2  # room for the copy beside everything else, with a margin
 
 
 def _quantize_loaded(model: GPT, mode: str, group_size: int, pages: "_FilePages", show_progress: bool) -> None:

@@ -32,7 +32,7 @@ def _pieces(model: GPT) -> list[tuple[str, torch.nn.Module]]:
             + [("transformer.ln_f", t.ln_f), ("lm_head", model.lm_head)])
 
 
-def _stored_tensors(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+def stored_tensors(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     """The module's parameters and persistent buffers as they are in memory (quantized layers in their
     device layout, unlike state_dict's portable form)."""
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
@@ -75,7 +75,7 @@ def save_quantized(model: GPT, checkpoint_dir: Path, show_progress: bool = True)
     with atomic_path(out) as tmp:
         with IncrementalTensorWriter(tmp) as writer:
             for prefix, module in progress(pieces, len(pieces), "saving", show_progress, unit="part"):
-                for name, tensor in _stored_tensors(module, prefix):
+                for name, tensor in stored_tensors(module, prefix):
                     writer.add(name, tensor)
         with atomic_path(out.with_suffix(".json")) as tmp_about:
             tmp_about.write_text(json.dumps(about, indent=2))
@@ -130,7 +130,7 @@ def load_saved_quantized(path: Path, config: Config, mode: str, group_size: int)
         model = GPT(config).to(dtype)
     make_empty_quantized(model, mode, group_size, dtype, torch.device("cpu"))
     for prefix, module in _pieces(model):
-        for name, empty in list(_stored_tensors(module, prefix)):
+        for name, empty in list(stored_tensors(module, prefix)):
             tensor = saved.pop(name, None)
             if tensor is None:
                 raise broken(f"tensor {name} is missing from {path}")

@@ -39,7 +39,7 @@ def main(checkpoint_dir: Path, quantize: Literal["int8", "int4"] = "int4", group
     dtype = DTYPE_OF_PRECISION[precision or default_precision(torch.device("cpu"))]
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, "cpu", dtype, quantize=quantize, group_size=group_size, use_saved=False,
-                       show_progress=True)
+                       show_progress=True, huge_pages=False)
     out = save_quantized(model, checkpoint_dir)
     print(f"wrote {out} ({out.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 

@@ -551,9 +551,9 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to what 
 before = status("VmRSS")
 if sys.argv[1] == "convert":
     convert_hf_checkpoint(sys.argv[2], show_progress=False)
-elif sys.argv[1] in ("int8", "int4"):
+elif sys.argv[1] in ("int8", "int4", "bf16"):
     from lit_gpt.load import load_model
-    model = load_model(sys.argv[2], quantize=sys.argv[1])
+    model = load_model(sys.argv[2], quantize=None if sys.argv[1] == "bf16" else sys.argv[1])
     print(sum(t.nbytes for t in list(model.parameters()) + list(model.buffers())))
 else:  # control: reading the whole model must show up, or the measurement means nothing
     sd = torch.load(sys.argv[2] + "/lit_model.pth", weights_only=True)
@@ -606,6 +606,74 @@ def test_quantized_load_memory_follows_the_result(tmp_path, mode, block):
     assert grown < quantized_bytes + float_bytes / 2
 
 
+def _mapping_of(address: int) -> dict:
+    """The /proc/self/smaps entry of the mapping that holds `address`: its range and fields."""
+    entry = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            begin, end = (int(a, 16) for a in head.split("-"))
+            entry = {"range": (begin, end)} if begin <= address < end else None
+        elif entry is not None:
+            entry[head.rstrip(":")] = line.split()[1]
+            if head == "VmFlags:":
+                entry["VmFlags"] = line.split()[1:]
+                return entry
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _thp_enabled() -> bool:
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return mode.is_file() and "[never]" not in mode.read_text()
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_load_moves_the_weights_onto_huge_pages(tmp_path, monkeypatch, quantize):
+    """On the CPU the weights move into one mapping advised for transparent huge pages (the tied head with the
+    embedding, as one tensor); the model computes the same logits as memory-mapped; LIT_GPT_HUGE_PAGES=0 keeps them
+    where they are."""
+    config = tiny_phi3_config(n_embd=256, n_head=4, n_kv_heads=2, n_layer=2, vocab_size=8192, intermediate_size=768,
+                              tied=True)
+    make_hf_checkpoint(tmp_path, config, scheme="phi3", tokenizer=False)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16", show_progress=False)
+    idx = torch.randint(0, 8192, (1, 9))
+    mapped = load_model(tmp_path, quantize=quantize, huge_pages=False)
+    moved = load_model(tmp_path, quantize=quantize)
+    tensors = [*moved.parameters(), *moved.buffers()]
+    assert sum(t.nbytes for t in tensors) > 4 << 20
+    mapping = _mapping_of(moved.transformer.wte.weight.data_ptr())
+    if _thp_enabled():
+        begin, end = mapping["range"]
+        assert all(begin <= t.data_ptr() and t.data_ptr() + t.nbytes <= end for t in tensors)
+        assert "hg" in mapping["VmFlags"] and mapping["THPeligible"] == "1"  # advised, and eligible
+        assert mapping["Rss"] != "0" and "hg" not in _mapping_of(mapped.transformer.wte.weight.data_ptr())["VmFlags"]
+    else:
+        assert "hg" not in mapping["VmFlags"]
+    if quantize is None:
+        assert moved.lm_head.weight is moved.transformer.wte.weight
+    with torch.inference_mode():
+        assert torch.equal(moved(idx), mapped(idx))
+    monkeypatch.setenv("LIT_GPT_HUGE_PAGES", "0")
+    kept = load_model(tmp_path, quantize=quantize)
+    assert "hg" not in _mapping_of(kept.transformer.wte.weight.data_ptr())["VmFlags"]
+
+
+@pytest.mark.slow
+def test_bf16_load_onto_huge_pages_holds_the_model_once(tmp_path):
+    """The copy onto huge pages hands each piece's file pages back: peak growth is the model's size, not twice it."""
+    config = tiny_hf_config(n_embd=512, n_head=8, n_layer=24, vocab_size=1024)
+    make_hf_checkpoint(tmp_path, config, tokenizer=False)
+    convert_hf_checkpoint(tmp_path, dtype="bfloat16", show_progress=False)
+    out = subprocess.run([sys.executable, "-c", MEASURE_PEAK.format(root=str(ROOT)), "bf16", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout.split()
+    model_bytes, grown = int(out[0]), int(out[1])
+    print(f"bf16: peak grew by {grown / 1e6:.0f} MB for {model_bytes / 1e6:.0f} MB")
+    if _thp_enabled():  # copied: the whole model is resident once
+        assert model_bytes * 0.9 < grown < model_bytes * 1.1
+    else:  # left memory-mapped: nothing read yet
+        assert grown < model_bytes / 10
+
+
 def test_a_checkpoint_larger_than_a_private_mapping_may_be_loads_shared_and_read_only(tmp_path, monkeypatch):
     """Linux refuses a private (copy-on-write) mapping larger than RAM and swap (phi-4's 29 GB lit_model.pth on a
     24 GB machine: "Cannot allocate memory"); loading then maps the file shared, made read-only, and gives the same
@@ -625,7 +693,7 @@ def test_a_checkpoint_larger_than_a_private_mapping_may_be_loads_shared_and_read
         return real_load(path, *args, mmap=mmap, **kwargs)
 
     monkeypatch.setattr(torch, "load", load)
-    model = load_model(tmp_path)
+    model = load_model(tmp_path, huge_pages=False)  # (as a checkpoint larger than RAM is: it stays mapped)
     assert torch.serialization.get_default_mmap_options() == mmap_module.MAP_PRIVATE  # restored
     maps = [line.split() for line in Path("/proc/self/maps").read_text().splitlines()
             if line.endswith(str(tmp_path / "lit_model.pth"))]

@@ -77,15 +77,16 @@ def test_a_saved_checkpoint_loads_memory_mapped_and_equal_to_quantizing_at_load(
     assert about["mode"] == mode and about["dtype"] == "bfloat16"
 
     fresh = load_model(ckpt, dtype=torch.bfloat16, quantize=mode, group_size=group_size, use_saved=False)
-    saved = load_model(ckpt, dtype=torch.bfloat16, quantize=mode, group_size=group_size)
+    saved = load_model(ckpt, dtype=torch.bfloat16, quantize=mode, group_size=group_size, huge_pages=False)
     # the saved file was used: its tensors are the model's, memory-mapped, with no repacking
     assert {_mapped_from(w) for w in _quantized_weights(saved)} == {str(out)}
     assert str(out) not in {_mapped_from(w) for w in _quantized_weights(fresh)}
-    a, b = fresh.state_dict(), saved.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    copied = load_model(ckpt, dtype=torch.bfloat16, quantize=mode, group_size=group_size)  # onto huge pages
+    a, b, c = fresh.state_dict(), saved.state_dict(), copied.state_dict()
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
     idx = torch.tensor([[5, 17, 300, 4242, 9]])
-    for x, y in zip(_logits(fresh, idx), _logits(saved, idx)):
-        assert torch.equal(x, y)
+    for x, y, z in zip(_logits(fresh, idx), _logits(saved, idx), _logits(copied, idx)):
+        assert torch.equal(x, y) and torch.equal(x, z)
 
 
 def test_a_changed_lit_model_is_quantized_at_load_with_a_note(ckpt, capfd):
