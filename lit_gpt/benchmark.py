@@ -27,6 +27,7 @@ PROMPT_BODY = ("    primes = []\n    for num in range(2, n + 1):\n        for p 
                "            if num % p == 0:\n                break\n        else:\n            primes.append(num)\n"
                "    for p in primes:\n        print(p)\n    return primes\n\n\ndef print_prime_again(n):\n")
 LLAMA_CPP_TYPES = ("bf16", "q8_0", "q4_0")  # llama.cpp's rows, on our GGUF exports of the same weights
+LLAMA_CPP_PEER = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}  # our mode -> llama.cpp's type of its size
 
 
 def prompt_ids(encode: Callable[[str], list[int]], prompt_tokens: Optional[int] = None) -> list[int]:
@@ -215,7 +216,8 @@ def benchmark(checkpoint_dir: Path, modes: Sequence[WeightMode] = ("bf16", "int8
     """Benchmark generation with the converted checkpoint in each mode, transformers on its Hugging Face files when
     they are there, and llama.cpp on GGUF exports of it (bf16, q8_0, q4_0) where asked; every run in its own process,
     `rounds` times in rotated order. The prompt is PROMPT, or `prompt_tokens` tokens of code. Returns one row per
-    configuration: the median of each figure over the rounds, and the read bandwidth around its runs."""
+    configuration: the median of each figure over the rounds, and the read bandwidth around its runs; our rows with
+    llama.cpp's of the same size also the median of the rounds' decode ratios to it (`vs_llama_cpp`)."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / LIT_MODEL).is_file():
         raise NeedsStep(f"{checkpoint_dir} holds no converted checkpoint; convert it first", "convert", checkpoint_dir)
@@ -235,7 +237,14 @@ def benchmark(checkpoint_dir: Path, modes: Sequence[WeightMode] = ("bf16", "int8
     if llama_cpp:
         runs += _llama_cpp_runs(checkpoint_dir, common)
     results = _rounds(runs, rounds)
-    return [dict(name=name, **_median(runs_of_one)) for name, runs_of_one in results.items()]
+    rows = [dict(name=name, **_median(runs_of_one)) for name, runs_of_one in results.items()]
+    for (name, job), row in zip(runs, rows):
+        peer = results.get(f"llama.cpp {LLAMA_CPP_PEER.get(job.get('mode'))}")
+        if job["kind"] == "ours" and peer is not None and "error" not in row:
+            # round by round: the two ran minutes apart at most, through the same swings of the read bandwidth
+            ratios = [a["decode_tps"] / b["decode_tps"] for a, b in zip(results[name], peer) if "error" not in b]
+            row["vs_llama_cpp"] = statistics.median(ratios) if ratios else None
+    return rows
 
 
 def _check_prompt_tokens(checkpoint_dir: Path, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -311,7 +320,8 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
           f"process's RSS before loading (the interpreter and torch), against the model's bytes (weights, KV "
           f"cache, tables)\n")
     head = ("| run | load s | first token s | prefill tok/s | decode tok/s | vs our bf16 | GB/step | GB/s "
-            "| read BW GB/s | % of read BW | peak RSS GB | model GB | peak rise vs model | decode vs transformers |")
+            "| read BW GB/s | % of read BW | peak RSS GB | model GB | peak rise vs model | decode vs transformers "
+            "| decode vs llama.cpp, by round |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -322,9 +332,10 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
         ours_or_llama = r["name"].startswith(("ours", "llama.cpp"))
         vs_bf16 = f"{r['decode_tps'] / bf16['decode_tps']:.2f}x" if bf16 and ours_or_llama else "-"
         rise = (r["peak_rss"] - r["start_rss"]) / r["model_bytes"] - 1
+        vs_llama = f"{r['vs_llama_cpp']:.2f}x" if r.get("vs_llama_cpp") else "-"
         print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
               f"| {vs_bf16} | {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
-              f"| {r['peak_rss'] / 1e9:.2f} | {r['model_bytes'] / 1e9:.3g} | {100 * rise:+.1f}% | {ratio} |")
+              f"| {r['peak_rss'] / 1e9:.2f} | {r['model_bytes'] / 1e9:.3g} | {100 * rise:+.1f}% | {ratio} | {vs_llama} |")
 
 
 if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark '{"kind": "ours", ...}'

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _table(stdout: str, names) -> dict[str, dict[str, str]]:
     """The printed table's rows by name (each a dict by column), checked to hold these rows, each with positive
     numbers (and a signed peak rise)."""
-    lines = [line for line in stdout.splitlines() if line.startswith("| ") and line.count("|") == 15]
+    lines = [line for line in stdout.splitlines() if line.startswith("| ") and line.count("|") == 16]
     head = [c.strip() for c in lines[0].split("|")[1:-1]]
     rows = {line.split("|")[1].strip(): dict(zip(head, (c.strip() for c in line.split("|")[1:-1])))
             for line in lines[1:]}
@@ -65,7 +65,7 @@ def test_rounds_rerun_every_configuration_and_report_medians(tmp_path):
     assert started == [("1", "ours bf16"), ("1", "ours int8"), ("2", "ours int8"), ("2", "ours bf16"),
                        ("3", "ours bf16"), ("3", "ours int8")], proc.stderr
     assert "medians of 3 rounds" in proc.stdout
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ours") and line.count("|") == 15]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ours") and line.count("|") == 16]
     assert [r.split("|")[1].strip() for r in rows] == ["ours bf16", "ours int8"], proc.stdout
 
     bad = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=600)
@@ -86,6 +86,11 @@ def test_llama_cpp_rows_on_gguf_exports_beside_the_checkpoint_with_a_long_prompt
     assert "greedy, a 100-token prompt, 8 new tokens" in proc.stdout
     rows = _table(proc.stdout, names)
     assert all(rows[name]["vs our bf16"].endswith("x") for name in names)
+    # ours against llama.cpp's row of the same size, round by round; llama.cpp's own rows have none
+    by_round = "decode vs llama.cpp, by round"
+    assert rows["ours bf16"][by_round].endswith("x") and all(rows[name][by_round] == "-" for name in names[1:])
+    ratio = float(rows["ours bf16"]["decode tok/s"]) / float(rows["llama.cpp bf16"]["decode tok/s"])  # one round
+    assert float(rows["ours bf16"][by_round].rstrip("x")) == pytest.approx(ratio, rel=0.02)
     # the exports stay in the checkpoint's gguf/ folder for the next run, 16, 8.5 and 4.5 bits a weight
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [
         f"{tmp_path.name}-{t}.gguf" for t in ("bf16", "q4_0", "q8_0")]
