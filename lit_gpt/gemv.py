@@ -196,8 +196,8 @@ def _run_dequantize_int4_t(packed: Tensor, scales: Tensor, start: int, out: Tens
     return out
 
 
-def _attend_empty(q: Tensor, *_) -> Tensor:
-    return torch.empty_like(q)
+def _empty_like(x: Tensor, *_) -> Tensor:
+    return torch.empty_like(x)
 
 
 def _run_attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: float, window: int) -> Tensor:
@@ -206,7 +206,7 @@ def _run_attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: f
     if not 0 <= position < k.shape[2]:
         raise IndexError(f"position {position} is outside the cache of {k.shape[2]} positions")
     q = q.contiguous()
-    y = _attend_empty(q)
+    y = _empty_like(q)
     _check(_lib.attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), y.data_ptr(), B, n_head, k.shape[1], k.shape[2],
                            position, window, head_size, scale))
     return y
@@ -229,7 +229,7 @@ def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tens
 
 
 def _run_gelu_tanh(x: Tensor) -> Tensor:
-    y = torch.empty_like(x)
+    y = _empty_like(x)
     _lib.gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel())
     return y
 
@@ -239,11 +239,11 @@ _GEMV_BF16 = _Kernel("gemv_bf16", None, (_P,) * 4 + (_I64,) * 3, _run_bf16, "lin
 _GEMV_INT8 = _Kernel("gemv_int8", _STATUS, (_P,) * 5 + (_I64,) * 2, _run_int8, "linear_int8", _rows_empty)
 _GEMV_INT4 = _Kernel("gemv_int4", _STATUS, (_P,) * 5 + (_I64,) * 5, _run_int4, "linear_int4", _int4_empty)
 _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), _run_attend_one, "attend_one",
-                      _attend_empty)
+                      _empty_like)
 # eager only: under torch.compile inductor fuses the rotary embedding and the cache write itself
 _ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
                          _run_attend_decode)
-_GELU_TANH = _Kernel("gelu_tanh", None, (_P, _P, _I64), _run_gelu_tanh, "gelu_tanh", _attend_empty)
+_GELU_TANH = _Kernel("gelu_tanh", None, (_P, _P, _I64), _run_gelu_tanh, "gelu_tanh", _empty_like)
 # eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
 _QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
 _DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)

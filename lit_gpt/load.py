@@ -179,7 +179,7 @@ HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 TRIM_EVERY = 64 << 20  # bytes moved between two hand-backs of freed memory (a file's pages, malloc's)
 
 
-def onto_huge_pages(model: torch.nn.Module, pages: Optional["_FilePages"] = None) -> bool:
+def onto_huge_pages(model: torch.nn.Module, pages: "_FilePages") -> bool:
     """Move the model's CPU tensors into one anonymous mapping advised for transparent huge pages (Linux, THP
     not off); True if they moved. A decode step streams every weight once: from 4 KB pages (a memory-mapped
     file's, or malloc's) the hardware prefetchers stop at each page's end and each page costs a TLB entry; from 2 MB
@@ -215,20 +215,17 @@ def onto_huge_pages(model: torch.nn.Module, pages: Optional["_FilePages"] = None
                 source = old.reshape(-1).view(torch.uint8)
                 for begin in range(0, old.nbytes, TRIM_EVERY):
                     raw[begin:begin + TRIM_EVERY].copy_(source[begin:begin + TRIM_EVERY])
-                    if pages is not None:
-                        pages.release(source[begin:begin + TRIM_EVERY])
+                    pages.release(source[begin:begin + TRIM_EVERY])
             else:
                 new.copy_(old)
+                pages.release(old)
             for t in ts:
                 t.data = new
             offset, moved = offset + _aligned(old.nbytes), moved + old.nbytes
-            if pages is not None:
-                pages.release(old)
-                if moved >= TRIM_EVERY:  # malloc's (tensors quantized at load), freed as they moved
-                    pages.trim_heap()
-                    moved = 0
-    if pages is not None:
-        pages.trim_heap()
+            if moved >= TRIM_EVERY:  # malloc's (tensors quantized at load), freed as they moved
+                pages.trim_heap()
+                moved = 0
+    pages.trim_heap()
     return True
 
 
