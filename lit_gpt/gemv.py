@@ -5,8 +5,8 @@ weights stream from memory. PyTorch's CPU kernels stream bf16 weights at ~60-75%
 on these machines and its packed int8 kernel does worse; gemv.c reads each weight row once, front to
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
-One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one` and `attend_decode` return
-the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or
+One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one`, `attend_decode` and
+`parallel_block` (a whole decode step of a phi-2 block after its layer norm) return the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or
 shapes, autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
 inside `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
 ~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -212,19 +212,28 @@ def _run_attend_one(q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, scale: f
     return y
 
 
+def _rotary_inputs(input_pos: Tensor, cos: Tensor, sin: Tensor, rope_n_elem: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The new tokens' positions (int64) and their rows of cos and sin (fp32) as attend_decode's C takes them."""
+    # (exact: the kernel rounds cos and sin to bf16, as the PyTorch path does)
+    return (input_pos.reshape(-1).to(torch.int64).contiguous(), cos.reshape(-1, rope_n_elem).float().contiguous(),
+            sin.reshape(-1, rope_n_elem).float().contiguous())
+
+
+def _check_attention(status: int, positions: Tensor, S: int) -> None:
+    if status == _OUT_OF_CACHE:
+        raise IndexError(f"a position of {positions.tolist()} is outside the cache of {S} positions")
+    _check(status)
+
+
 def _run_attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, n_head: int,
                        rope_n_elem: int, scale: float, window: int) -> Tensor:
     B, n_groups, S, head_size = k.shape
     y = qkv.new_empty(B, 1, n_head * head_size)
-    positions = input_pos.reshape(-1).to(torch.int64).contiguous()
-    # (exact: the kernel rounds cos and sin to bf16, as the PyTorch path does)
-    cos, sin = cos.reshape(-1, rope_n_elem).float().contiguous(), sin.reshape(-1, rope_n_elem).float().contiguous()
+    positions, cos, sin = _rotary_inputs(input_pos, cos, sin, rope_n_elem)
     status = _lib.attend_decode(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k.data_ptr(), v.data_ptr(),
                                 y.data_ptr(), B, n_head, n_groups, S, positions.data_ptr(), positions.numel() > 1,
                                 window, head_size, rope_n_elem, scale)
-    if status == _OUT_OF_CACHE:
-        raise IndexError(f"a position of {positions.tolist()} is outside the cache of {S} positions")
-    _check(status)
+    _check_attention(status, positions, S)
     return y
 
 
@@ -232,6 +241,20 @@ def _run_gelu_tanh(x: Tensor) -> Tensor:
     y = _empty_like(x)
     _lib.gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel())
     return y
+
+
+def _run_parallel_block(matrices: Sequence["Matrix"], x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, k: Tensor,
+                        v: Tensor, input_pos: Tensor, n_head: int, rope_n_elem: int, scale: float,
+                        window: int) -> Tensor:
+    B, n_groups, S, head_size = k.shape
+    out = _empty_like(x)
+    positions, cos, sin = _rotary_inputs(input_pos, cos, sin, rope_n_elem)
+    fields = (ctypes.c_int64 * (8 * len(matrices)))(*(f for m in matrices for f in m[:8]))
+    status = _lib.parallel_block(fields, x.data_ptr(), h.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                 k.data_ptr(), v.data_ptr(), B, n_head, n_groups, S, positions.data_ptr(),
+                                 positions.numel() > 1, window, head_size, rope_n_elem, scale)
+    _check_attention(status, positions, S)
+    return out
 
 
 _P, _I64, _F32, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -244,12 +267,15 @@ _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), 
 _ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
                          _run_attend_decode)
 _GELU_TANH = _Kernel("gelu_tanh", None, (_P, _P, _I64), _run_gelu_tanh, "gelu_tanh", _empty_like)
+# eager only, as attend_decode
+_PARALLEL_BLOCK = _Kernel("parallel_block", _STATUS, (_P,) * 8 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
+                          _run_parallel_block)
 # eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
 _QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
 _DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)
 _DEQUANTIZE_INT4_T = _Kernel("dequantize_int4_t", None, (_P,) * 3 + (_I64,) * 4, _run_dequantize_int4_t)
-_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _QUANTIZE_X8,
-            _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
+_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _PARALLEL_BLOCK,
+            _QUANTIZE_X8, _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
 
 
 # ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
@@ -283,11 +309,29 @@ def _bf16_vector(t: Optional[Tensor], n: int) -> bool:
     return t is None or (t.dtype == _BF16 and t.numel() == n)
 
 
+def _bf16_weight(weight: Tensor, bias: Optional[Tensor]) -> bool:
+    return weight.dtype == _BF16 and weight.dim() == 2 and _bf16_vector(bias, weight.shape[0])
+
+
+def _int8_weight(weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> bool:
+    return (weight.dtype == torch.int8 and weight.dim() == 2 and _bf16_vector(scales, weight.shape[0])
+            and _bf16_vector(bias, weight.shape[0]))
+
+
+def _int4_weight(packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int, group_size: int) -> bool:
+    """Whether packed, scales and bias are an int4 weight as linear_int4 takes it (in_features: packed.shape[1] * 2)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        return False
+    rows, K = packed.shape[0], packed.shape[1] * 2
+    return (rows % 64 == 0 and 0 < out_features <= rows and group_size > 0 and group_size % 32 == 0
+            and K % group_size == 0 and scales.dtype == _BF16 and scales.shape == (rows // 64, K // group_size, 64)
+            and _bf16_vector(bias, out_features))
+
+
 def linear_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
     """F.linear(x, weight, bias) for bf16 x of 1 to FEW_ROWS rows (a decode step, of one sequence or a batch), a
     bf16 weight (out_features, in_features) and bias; None where the kernels cannot take these inputs."""
-    if (weight.dtype == _BF16 and weight.dim() == 2 and _few_rows(x, weight.shape[1])
-            and _bf16_vector(bias, weight.shape[0]) and _usable(x, weight, bias)):
+    if _bf16_weight(weight, bias) and _few_rows(x, weight.shape[1]) and _usable(x, weight, bias):
         return _GEMV_BF16(x, weight, bias)
     return None
 
@@ -295,9 +339,7 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[T
 def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
     """x @ (weight * scales[:, None]).T + bias for one bf16 row x, an int8 weight (out_features, in_features) and
     bf16 scales and bias; None where the kernels cannot take these inputs."""
-    if (weight.dtype == torch.int8 and weight.dim() == 2 and _one_row(x, weight.shape[1])
-            and _bf16_vector(scales, weight.shape[0]) and _bf16_vector(bias, weight.shape[0])
-            and _usable(x, weight, scales, bias)):
+    if _int8_weight(weight, scales, bias) and _one_row(x, weight.shape[1]) and _usable(x, weight, scales, bias):
         return _GEMV_INT8(x, weight, scales, bias)
     return None
 
@@ -309,11 +351,8 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor
     group_size inputs, plus bias; bf16 scales block by block, (rows / 64, in_features / group_size, 64) (see
     blocked_scales), and bias. None where the kernels cannot take these inputs. The caller knows that this torch
     packs int4 in that layout (lit_gpt.quantize checks it)."""
-    rows, K = packed.shape[0], x.shape[-1]
-    if (packed.dtype == torch.uint8 and _few_rows(x, K) and packed.shape == (rows, K // 2) and rows % 64 == 0
-            and 0 < out_features <= rows and group_size > 0 and group_size % 32 == 0 and K % group_size == 0
-            and scales.dtype == _BF16 and scales.shape == (rows // 64, K // group_size, 64)
-            and _bf16_vector(bias, out_features) and _usable(x, packed, scales, bias)):
+    if (_int4_weight(packed, scales, bias, out_features, group_size) and _few_rows(x, packed.shape[1] * 2)
+            and _usable(x, packed, scales, bias)):
         return _GEMV_INT4(x, packed, scales, bias, out_features, group_size)
     return None
 
@@ -391,17 +430,90 @@ def attend_decode(qkv: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, i
     rotary embedding rounded to bf16 the same way). Raises IndexError for a position outside the cache. None, with
     k and v untouched, where the kernels cannot take the step (under torch.compile too: inductor fuses these ops
     itself)."""
-    if torch.compiler.is_compiling() or qkv.dim() != 3 or k.dim() != 4:
-        return None
+    if (qkv.dim() == 3 and _decode_attention(cos, sin, k, v, input_pos, n_head, rope_n_elem, window)
+            and qkv.shape[:2] == (k.shape[0], 1) and qkv.dtype == _BF16
+            and qkv.shape[2] == (n_head + 2 * k.shape[1]) * k.shape[3] and _usable(qkv)):
+        return _ATTEND_DECODE(qkv, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, window)
+    return None
+
+
+def _decode_attention(cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, n_head: int,
+                      rope_n_elem: int, window: int) -> bool:
+    """Whether attend_decode's C takes this cache, these positions and rotary tables (eager only)."""
+    if torch.compiler.is_compiling() or k.dim() != 4:
+        return False
     B, n_groups, S, head_size = k.shape
     rows = input_pos.numel()
-    if (qkv.shape[:2] == (B, 1) and qkv.dtype == k.dtype == v.dtype == _BF16 and k.shape == v.shape
-            and n_head % n_groups == 0 and qkv.shape[2] == (n_head + 2 * n_groups) * head_size
+    return (k.dtype == v.dtype == _BF16 and k.shape == v.shape and n_head % n_groups == 0
             and head_size <= MAX_HEAD_SIZE and rows in (1, B) and not input_pos.is_floating_point()
             and 0 <= rope_n_elem <= head_size and rope_n_elem % 2 == 0 and cos.is_floating_point()
             and sin.is_floating_point() and window >= 0 and cos.numel() == sin.numel() == rows * rope_n_elem
-            and _usable(qkv, cos, sin, k, v, input_pos)):
-        return _ATTEND_DECODE(qkv, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, window)
+            and _usable(cos, sin, k, v, input_pos))
+
+
+class Matrix(NamedTuple):
+    """A weight matrix as parallel_block's products read it (gemv.c's `matrix`: the first eight fields, the
+    tensors' addresses and sizes); from bf16_matrix, int8_matrix or int4_matrix, which check it as linear_bf16,
+    linear_int8 and linear_int4 do. Valid while those tensors live and stay where they are: make one per call."""
+
+    kind: int  # gemv.c's BF16, INT8, INT4
+    w: int
+    scales: int
+    bias: int
+    n_out: int
+    in_features: int
+    rows: int
+    group: int
+    max_rows: int  # the most rows of x its product takes
+
+
+def bf16_matrix(weight: Tensor, bias: Optional[Tensor]) -> Optional[Matrix]:
+    """The matrix of linear_bf16(x, weight, bias); None where the kernels cannot take it (or under torch.compile)."""
+    if not torch.compiler.is_compiling() and _bf16_weight(weight, bias) and _usable(weight, bias):
+        N, K = weight.shape
+        return Matrix(0, weight.data_ptr(), 0, _ptr(bias) or 0, N, K, N, 0, FEW_ROWS)
+    return None
+
+
+def int8_matrix(weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Optional[Matrix]:
+    """The matrix of linear_int8(x, weight, scales, bias) (one row); None where the kernels cannot take it."""
+    if not torch.compiler.is_compiling() and _int8_weight(weight, scales, bias) and _usable(weight, scales, bias):
+        N, K = weight.shape
+        return Matrix(1, weight.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, N, K, N, 0, 1)
+    return None
+
+
+def int4_matrix(packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int,
+                group_size: int) -> Optional[Matrix]:
+    """The matrix of linear_int4(x, packed, scales, bias, out_features, group_size); None where the kernels cannot
+    take it."""
+    if (not torch.compiler.is_compiling() and _int4_weight(packed, scales, bias, out_features, group_size)
+            and _usable(packed, scales, bias)):
+        return Matrix(2, packed.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, out_features, packed.shape[1] * 2,
+                      packed.shape[0], group_size, FEW_ROWS)
+    return None
+
+
+def parallel_block(matrices: Sequence[Optional[Matrix]], x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, k: Tensor,
+                   v: Tensor, input_pos: Tensor, n_head: int, rope_n_elem: int, scale: float,
+                   window: int = 0) -> Optional[Tensor]:
+    """A decode step of a parallel-residual block after its layer norm, in one call (eager only):
+    x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))), as the model computes it with linear_*, attend_decode and
+    gelu_tanh, equal to that bit for bit.
+
+    matrices: qkv, proj, fc, mlp_proj (None where a layer's kernel cannot take it); x, h: (B, 1, n_embd) bf16, the
+    block's input and its layer norm; the attention's arguments as attend_decode's. None, with the cache untouched,
+    where the kernels cannot take the step."""
+    if len(matrices) != 4 or None in matrices or x.dim() != 3:
+        return None
+    qkv, proj, fc, mlp_proj = matrices
+    B, T, C = x.shape
+    if (T == 1 and h.shape == x.shape and x.dtype == h.dtype == _BF16 and B <= min(m.max_rows for m in matrices)
+            and _decode_attention(cos, sin, k, v, input_pos, n_head, rope_n_elem, window) and k.shape[0] == B
+            and qkv.in_features == fc.in_features == proj.n_out == mlp_proj.n_out == C
+            and qkv.n_out == (n_head + 2 * k.shape[1]) * k.shape[3] and proj.in_features == n_head * k.shape[3]
+            and mlp_proj.in_features == fc.n_out and _usable(x, h)):
+        return _PARALLEL_BLOCK(matrices, x, h, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, window)
     return None
 
 

@@ -227,6 +227,10 @@ class Linear(nn.Linear):
                 y = F.linear(x, self.weight, self.bias)
         return y
 
+    def decode_matrix(self) -> Optional[gemv.Matrix]:
+        """The weight as gemv.parallel_block reads it; None where the kernels cannot."""
+        return gemv.bf16_matrix(self.weight, self.bias)
+
 
 class Block(nn.Module):
     def __init__(self, config: Config) -> None:
@@ -239,11 +243,34 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor],
                 window: Optional[Window]) -> torch.Tensor:
         h = self.norm_1(x)
-        a = self.attn(h, cos, sin, input_pos, window)
         if self.norm_2 is None:  # parallel residual: attention and MLP both read the same normalized input
-            return x + a + self.mlp(h)
-        x = x + a
+            if input_pos is not None:
+                out = self.fused_decode(x, h, cos, sin, input_pos, window)
+                if out is not None:
+                    return out
+            return x + self.attn(h, cos, sin, input_pos, window) + self.mlp(h)
+        x = x + self.attn(h, cos, sin, input_pos, window)
         return x + self.mlp(self.norm_2(x))
+
+    def fused_decode(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     input_pos: torch.Tensor, window: Window) -> Optional[torch.Tensor]:
+        """An eager one-token decode step on CPU of a parallel-residual block with a GELU MLP, after its layer norm
+        h, in one kernel call (gemv.parallel_block): the same result as the calls one by one, without the Python
+        between them. None, with the cache untouched, where the kernels do not take every layer or the step."""
+        attn, mlp = self.attn, self.mlp
+        if x.size(1) != 1 or attn.kv_cache is None or mlp.gated:
+            return None
+        matrices = [_decode_matrix(layer) for layer in (attn.attn, attn.proj, mlp.fc, mlp.proj)]
+        k, v = attn.kv_cache.step_rows(x.size(0), window.row)
+        c = attn.config
+        return gemv.parallel_block(matrices, x, h, cos, sin, k, v, input_pos, c.n_head, c.rope_n_elem, attn.scale,
+                                   c.sliding_window or 0)
+
+
+def _decode_matrix(layer: nn.Module) -> Optional[gemv.Matrix]:
+    """A layer's weight as gemv.parallel_block reads it (our Linear and the quantized ones say; other layers: None)."""
+    matrix = getattr(layer, "decode_matrix", None)
+    return None if matrix is None else matrix()
 
 
 class CausalSelfAttention(nn.Module):
@@ -255,13 +282,13 @@ class CausalSelfAttention(nn.Module):
         self.attn = Linear(config.n_embd, qkv_size, bias=config.bias)
         self.proj = Linear(config.n_head * config.head_size, config.n_embd, bias=config.bias)
         self.config = config
+        self.scale = 1.0 / math.sqrt(config.head_size)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor],
                 window: Optional[Window]) -> torch.Tensor:
         B, T, _ = x.shape
-        c = self.config
-        scale = 1.0 / math.sqrt(c.head_size)
+        c, scale = self.config, self.scale
         qkv = self.attn(x)
         if input_pos is None:
             q, k, v = self.heads(qkv, cos, sin)
@@ -418,10 +445,14 @@ class KVCache(nn.Module):
         sliding_window of them); returns (B, 1, n_head * head_size). None, with the cache untouched, where the
         kernel does not take the step: rotate, `update` and attend in PyTorch then. With `row`, the step is that
         cache row's (qkv (1, 1, ...))."""
+        k, v = self.step_rows(qkv.size(0), row)
+        return gemv.attend_decode(qkv, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, sliding_window or 0)
+
+    def step_rows(self, batch: int, row: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values a decode step of `batch` sequences writes and reads: the cache's first `batch` rows,
+        or its row `row` (batch 1)."""
         first = row or 0
-        rows = slice(first, first + qkv.size(0))
-        return gemv.attend_decode(qkv, cos, sin, self.k[rows], self.v[rows], input_pos, n_head, rope_n_elem, scale,
-                                  sliding_window or 0)
+        return self.k[first:first + batch], self.v[first:first + batch]
 
 
 def _drop_tied_head(model: GPT, state_dict: dict, prefix: str, local_metadata: dict) -> None:

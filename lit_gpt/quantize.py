@@ -212,6 +212,10 @@ class Int8Linear(nn.Module):
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def decode_matrix(self) -> Optional[gemv.Matrix]:
+        """The weight as gemv.parallel_block reads it; None where the kernels cannot."""
+        return gemv.int8_matrix(self.weight, self.scales, self.bias)
+
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
         """Rows start .. start + len(out) - 1 of dequantize(torch.bfloat16), into out."""
         if gemv.dequantize_int8(self.weight, self.scales, start, out) is None:
@@ -418,6 +422,12 @@ class Int4Linear(nn.Module):
         if self.gemv_layout:
             return "scales", gemv.blocked_scales(scales)
         return "scales_and_zeros", torch.stack((scales, torch.zeros_like(scales)), dim=-1)
+
+    def decode_matrix(self) -> Optional[gemv.Matrix]:
+        """The weight as gemv.parallel_block reads it; None where the kernels cannot."""
+        if not self.gemv_layout:
+            return None
+        return gemv.int4_matrix(self.weight, self.scales, self.bias, self.out_features, self.group_size)
 
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
         """Rows start .. start + out.shape[1] - 1 of dequantize(torch.bfloat16), transposed into out (K, n)."""

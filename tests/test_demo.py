@@ -30,6 +30,15 @@ def demo(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(scope="module")
+def converted(demo) -> Path:
+    """The copy, converted as the quick start's first run does (float32: the reference comparisons below)."""
+    from lit_gpt.convert import convert_hf_checkpoint
+
+    convert_hf_checkpoint(demo, dtype="float32", show_progress=False)
+    return demo
+
+
 def test_the_shipped_files(demo):
     names = {p.name for p in demo.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -42,14 +51,13 @@ def test_the_shipped_files(demo):
     assert 2e6 <= record["parameters"] <= 16e6
 
 
-def test_transformers_loads_it_with_our_logits(demo):
+def test_transformers_loads_it_with_our_logits(converted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lit_gpt.convert import convert_hf_checkpoint
     from lit_gpt.load import load_model
     from lit_gpt.tokenizer import Tokenizer
 
-    convert_hf_checkpoint(demo, dtype="float32", show_progress=False)
+    demo = converted
     text = (ROOT / "lit_gpt" / "utils.py").read_text()[:1500]
     ids = Tokenizer(demo).encode(text)
     assert AutoTokenizer.from_pretrained(demo)(text)["input_ids"] == ids.tolist()
@@ -59,13 +67,14 @@ def test_transformers_loads_it_with_our_logits(demo):
         torch.testing.assert_close(ours(ids[None]), hf(ids[None]).logits, atol=1e-5, rtol=0)
 
 
-def test_greedy_continuation_is_pinned_and_equals_transformers(demo):
+def test_greedy_continuation_is_pinned_and_equals_transformers(converted):
     from transformers import AutoModelForCausalLM
 
     from lit_gpt.generate import generate
     from lit_gpt.load import load_model
     from lit_gpt.tokenizer import Tokenizer
 
+    demo = converted
     tokenizer = Tokenizer(demo)
     ids = tokenizer.encode(PROMPT)
     model = load_model(demo, dtype=torch.float32)
@@ -78,10 +87,11 @@ def test_greedy_continuation_is_pinned_and_equals_transformers(demo):
     assert ours.text == PINNED
 
 
-def test_quantized_quality_on_held_out_files(demo):
+def test_quantized_quality_on_held_out_files(converted):
     """Held-out files of the standard library (those of the demo's validation split that this interpreter has)."""
     from lit_gpt.evaluate import evaluate, file_tokens
 
+    demo = converted
     record = json.loads((demo / "training.json").read_text())
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [stdlib / name for name in record["data"]["val_files"] if (stdlib / name).is_file()][:12]

@@ -300,6 +300,22 @@ def _bf16(*shape: int) -> torch.Tensor:
 W, X, Q, K = _bf16(64, 32), _bf16(1, 32), _bf16(1, 2, 1, 16), _bf16(1, 2, 8, 16)
 QKV, COS, POS = _bf16(1, 1, 96), torch.ones(1, 8), torch.tensor([3])  # 2 heads, 2 groups: 2 * 3 * 16
 INT4, INT4_SCALES = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 1, 64)  # scales block by block
+# the weights of qkv, proj, fc and the MLP's proj of a block with 2 heads of 16 (n_embd 32), proj with a bias
+BLOCK_WEIGHTS = [(_bf16(96, 32), None), (_bf16(32, 32), _bf16(32)), (_bf16(64, 32), None), (_bf16(32, 64), None)]
+INT8_MLP_PROJ = (torch.ones(32, 64, dtype=torch.int8), _bf16(32), None)
+
+
+def _block(rows: int = 1, int8_mlp_proj: bool = False, n_head: int = 2, declined_layer: bool = False):
+    """parallel_block on BLOCK_WEIGHTS (the MLP's proj in int8, or a layer that the kernels did not take) for `rows`
+    sequences at position 3 of a cache of 8."""
+    matrices = [gemv.bf16_matrix(w, b) for w, b in BLOCK_WEIGHTS]
+    if int8_mlp_proj:
+        matrices[3] = gemv.int8_matrix(*INT8_MLP_PROJ)
+    if declined_layer:
+        matrices[3] = None
+    x, cache = X.view(1, 1, 32).expand(rows, 1, 32).contiguous(), K.expand(rows, 2, 8, 16)
+    return gemv.parallel_block(matrices, x, x, COS, COS, cache.clone(), cache.clone(), POS, n_head, 8, 0.25)
+
 DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok` call that they take
     "ok": lambda: gemv.linear_bf16(X, W, None),
     "float32 row": lambda: gemv.linear_bf16(X.float(), W, None),
@@ -336,6 +352,11 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
     "gelu more rows than FEW_ROWS": lambda: gemv.gelu_tanh(X.expand(gemv.FEW_ROWS + 1, 32).contiguous()),
     "gelu needing grad": lambda: gemv.gelu_tanh(X.clone().requires_grad_()),
     "gelu non-contiguous": lambda: gemv.gelu_tanh(X.expand(2, 32).t()),
+    "parallel_block ok": lambda: _block(),
+    "parallel_block int8 ok": lambda: _block(int8_mlp_proj=True),
+    "parallel_block a layer the kernels cannot take": lambda: _block(declined_layer=True),
+    "parallel_block int8 two rows": lambda: _block(rows=2, int8_mlp_proj=True),
+    "parallel_block heads of another size": lambda: _block(n_head=4),
     "attend_decode qkv of another width": lambda: gemv.attend_decode(QKV[..., :80], COS, COS, K.clone(), K.clone(),
                                                                      POS, 2, 8, 0.25),
 }
@@ -500,7 +521,7 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
 
-    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "attend_decode"), Spy(monkeypatch, "gelu_tanh")]
+    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "parallel_block"), Spy(monkeypatch, "gelu_tanh")]
     config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, intermediate_size=1024, block_size=64,
                               vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
     torch.manual_seed(0)
@@ -510,9 +531,10 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
         full = model(idx).float()
     model.set_kv_cache(1)
     decoded = _prefill_then_decode(model, idx).float()
-    # the 5-token prefill and every one-row step took the kernels
-    assert spies[0].calls == (1 + gemv.FEW_ROWS) * (2 * 4 + 1) and spies[1].calls == gemv.FEW_ROWS * 2
-    assert spies[2].calls == (1 + gemv.FEW_ROWS) * 2
+    # the 5-token prefill took the products' and GELU's kernels, every one-row step a block's kernel (the rest of
+    # a block after its layer norm) and the LM head's product
+    assert spies[0].calls == 2 * 4 + 1 + gemv.FEW_ROWS and spies[1].calls == gemv.FEW_ROWS * 2
+    assert spies[2].calls == 2
     err = (decoded - full[:, 4:]).abs().max().item()
     assert err <= 0.03 * full.abs().max().item(), err
 
@@ -541,6 +563,7 @@ def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, 
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return logits, caches
 
+    monkeypatch.setattr(gemv, "parallel_block", lambda *args: None)  # the block's calls one by one
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
     assert fused.calls == 7 * 2
@@ -578,6 +601,7 @@ def test_fused_decode_takes_each_sequence_at_its_own_position(monkeypatch, name,
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return torch.cat(logits, dim=1).float(), caches
 
+    monkeypatch.setattr(gemv, "parallel_block", lambda *args: None)  # the block's calls one by one
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
     assert fused.calls == 2 * 2
@@ -586,6 +610,49 @@ def test_fused_decode_takes_each_sequence_at_its_own_position(monkeypatch, name,
     assert torch.equal(caches[0], caches_ref[0]) and torch.equal(caches[1], caches_ref[1])
     assert not caches[0][len(lengths)].any()  # the idle row untouched
     assert (logits - logits_ref).abs().max().item() <= 0.02 * logits_ref.abs().max().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_a_parallel_block_in_one_call_equals_its_calls_one_by_one_bit_for_bit(monkeypatch, mode):
+    """gemv.parallel_block (a phi-2 block's decode step after its layer norm, from C) computes what the model's
+    calls one by one compute (products, attend_decode, GELU, residual sums): the same logits and caches, to the
+    bit; for one sequence, for a row of the cache (a server's one-token prompt), and for a batch at its own
+    positions (int8's kernel takes one row: there it declines and the calls run one by one)."""
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    # every matrix a multiple of 64 rows, as gemv.c's int4 layout needs
+    config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, n_query_groups=2, intermediate_size=512,
+                              block_size=64, vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
+    torch.manual_seed(0)
+    model = GPT(config).to(torch.bfloat16).eval()
+    if mode != "bf16":
+        quantize.quantize_model(model, mode)
+    idx = torch.randint(0, 512, (3, 20))
+    lengths = [1, 9, 14]
+
+    def decode():
+        with torch.inference_mode():
+            model.set_kv_cache(1, 40)
+            one = _prefill_then_decode(model, idx[:1, :12])
+            model.set_kv_cache(len(lengths) + 1, 40)  # a row more than the steps use: an idle slot
+            for row, n in enumerate(lengths):
+                model(idx[row:row + 1, :n], torch.arange(n), row=row)
+            pos = torch.tensor(lengths).view(-1, 1)
+            batch = torch.cat([model(idx[:, t:t + 1], pos + step) for step, t in enumerate((18, 19))], dim=1)
+        caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
+        return one, batch, caches
+
+    fused = Spy(monkeypatch, "parallel_block")
+    one, batch, caches = decode()
+    # 7 one-row steps, the one-token prompt of row 0, and (but for int8) the 2 batched steps, in each of 2 blocks
+    assert fused.calls == 2 * (7 + 1 + (0 if mode == "int8" else 2))
+    monkeypatch.setattr(gemv, "parallel_block", lambda *args: None)
+    one_ref, batch_ref, caches_ref = decode()
+    assert torch.equal(one, one_ref) and torch.equal(batch, batch_ref)
+    assert all(torch.equal(a, b) for a, b in zip(caches, caches_ref))
+    assert not caches[0][len(lengths)].any()  # the idle row untouched
 
 
 @needs_kernels
