@@ -670,6 +670,51 @@ void gelu_tanh(const uint16_t *x, uint16_t *y, int64_t n) {
     }
 }
 
+// ---- layer norm of a decode step's few rows ----------------------------------------------------------------
+//
+// y = (x - mean) / sqrt(var + eps) * weight + bias for each row of n: the mean and variance summed in double,
+// the rest in fp32 in PyTorch's order ((x * rstd + -mean * rstd) * weight + bias), rounded to bf16. F.layer_norm
+// sums its fp32 moments otherwise, so the two differ by one bf16 step on a few values in a thousand.
+
+static inline __m256 upper_half(__m512 v) {  // (AVX-512F: vextractf32x8 is AVX-512DQ's)
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+void layer_norm(const uint16_t *x, const uint16_t *weight, const uint16_t *bias, uint16_t *y, int64_t rows,
+                int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n;
+        uint16_t *yr = y + r * n;
+        __m512d sum = _mm512_setzero_pd();
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+            __m512 v = load_bf16x16(xr + i, m);
+            sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                                                   _mm512_cvtps_pd(upper_half(v))));
+        }
+        double mean = _mm512_reduce_add_pd(sum) / (double)n;
+        __m512d squares = _mm512_setzero_pd(), mean8 = _mm512_set1_pd(mean);
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+            __m512 v = load_bf16x16(xr + i, m);
+            __m512d lo = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), mean8);
+            __m512d hi = _mm512_sub_pd(_mm512_cvtps_pd(upper_half(v)), mean8);
+            // (past n the zeros loaded count as -mean each: masked out)
+            lo = _mm512_maskz_mov_pd((__mmask8)(m & 0xFF), lo);
+            hi = _mm512_maskz_mov_pd((__mmask8)(m >> 8), hi);
+            squares = _mm512_add_pd(squares, _mm512_add_pd(_mm512_mul_pd(lo, lo), _mm512_mul_pd(hi, hi)));
+        }
+        float rstd = 1.0f / sqrtf((float)(_mm512_reduce_add_pd(squares) / (double)n) + eps);
+        __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-(float)mean * rstd);
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+            __m512 v = _mm512_add_ps(_mm512_mul_ps(load_bf16x16(xr + i, m), scale), shift);
+            v = _mm512_add_ps(_mm512_mul_ps(v, load_bf16x16(weight + i, m)), load_bf16x16(bias + i, m));
+            _mm256_mask_storeu_epi16(yr + i, m, f32x16_to_bf16(v));
+        }
+    }
+}
+
 // ---- a whole parallel-residual block of a decode step, in one call --------------------------------------
 //
 // Between the products of a decode step PyTorch's eager ops and the Python around them took ~4.5 ms per phi-2
@@ -706,9 +751,10 @@ static int product(const matrix *m, const uint16_t *x, uint16_t *y, int64_t M) {
 // out = x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))) for B rows (phi-1, phi-1.5, phi-2), each sum rounded
 // to bf16 as (x + a) + m is in PyTorch; h: the block's layer norm of x. mats: qkv, proj, fc, mlp_proj; the
 // attention's arguments as attend_decode's. out may not be x.
-int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t *h, uint16_t *out, const float *cos,
-                   const float *sin, uint16_t *k, uint16_t *v, int64_t B, int64_t n_head, int64_t n_groups, int64_t S,
-                   const int64_t *pos, int64_t per_row, int64_t window, int64_t hs, int64_t n_elem, float scale) {
+static int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t *h, uint16_t *out, const float *cos,
+                          const float *sin, uint16_t *k, uint16_t *v, int64_t B, int64_t n_head, int64_t n_groups,
+                          int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs, int64_t n_elem,
+                          float scale) {
     int64_t C = mats[1].n_out, n_qkv = mats[0].n_out, n_fc = mats[2].n_out, n_y = n_head * hs;
     uint16_t *qkv = malloc(B * (n_qkv + n_y + C + n_fc + C) * sizeof(uint16_t));
     if (!qkv) return OUT_OF_MEMORY;
@@ -726,5 +772,37 @@ int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t *h, uin
         for (int64_t i = 0; i < B * C; i++)
             out[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(a[i]))) + bf16_to_f32(m[i]));
     free(qkv);
+    return status;
+}
+
+// A parallel-residual block as parallel_blocks reads it; all 8-byte fields.
+typedef struct {
+    const uint16_t *norm_weight, *norm_bias;  // its layer norm's, bf16
+    matrix mats[4];                           // qkv, proj, fc, mlp_proj
+    uint16_t *k, *v;                          // its whole cache, (rows, n_groups, S, hs)
+} parallel_layer;
+
+// A decode step through n_layer parallel-residual blocks: each block's layer norm (eps), then parallel_block, from
+// x (B, n_embd) to out; the step's sequences in cache rows first .. first + B - 1; the attention's other arguments
+// as attend_decode's. OUT_OF_CACHE (from the first block, before anything is written) or OUT_OF_MEMORY.
+int parallel_blocks(const parallel_layer *layers, int64_t n_layer, float eps, const uint16_t *x, uint16_t *out,
+                    const float *cos, const float *sin, int64_t first, int64_t B, int64_t n_head, int64_t n_groups,
+                    int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs, int64_t n_elem,
+                    float scale) {
+    int64_t C = layers[0].mats[1].n_out, row = n_groups * S * hs;
+    uint16_t *h = malloc(3 * B * C * sizeof(uint16_t));
+    if (!h) return OUT_OF_MEMORY;
+    uint16_t *between[2] = {h + B * C, h + 2 * B * C};
+    const uint16_t *in = x;
+    int status = 0;
+    for (int64_t l = 0; l < n_layer && !status; l++) {
+        const parallel_layer *layer = &layers[l];
+        uint16_t *next = l == n_layer - 1 ? out : between[l % 2];
+        layer_norm(in, layer->norm_weight, layer->norm_bias, h, B, C, eps);
+        status = parallel_block(layer->mats, in, h, next, cos, sin, layer->k + first * row, layer->v + first * row, B,
+                                n_head, n_groups, S, pos, per_row, window, hs, n_elem, scale);
+        in = next;
+    }
+    free(h);
     return status;
 }

@@ -5,8 +5,8 @@ weights stream from memory. PyTorch's CPU kernels stream bf16 weights at ~60-75%
 on these machines and its packed int8 kernel does worse; gemv.c reads each weight row once, front to
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
-One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one`, `attend_decode` and
-`parallel_block` (a whole decode step of a phi-2 block after its layer norm) return the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or
+One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one`, `attend_decode`, `gelu_tanh`,
+`layer_norm` and `parallel_blocks` (a decode step through all of phi-2's blocks) return the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or
 shapes, autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
 inside `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
 ~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
@@ -243,16 +243,27 @@ def _run_gelu_tanh(x: Tensor) -> Tensor:
     return y
 
 
-def _run_parallel_block(matrices: Sequence["Matrix"], x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, k: Tensor,
-                        v: Tensor, input_pos: Tensor, n_head: int, rope_n_elem: int, scale: float,
-                        window: int) -> Tensor:
-    B, n_groups, S, head_size = k.shape
+def _run_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    x, y = x.contiguous(), _empty_like(x)
+    _lib.layer_norm(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1],
+                    x.shape[-1], eps)
+    return y
+
+
+def _run_parallel_blocks(layers: Sequence["ParallelLayer"], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                         first: int, n_head: int, rope_n_elem: int, scale: float, eps: float, window: int) -> Tensor:
+    _, n_groups, S, head_size = layers[0].k.shape
     out = _empty_like(x)
     positions, cos, sin = _rotary_inputs(input_pos, cos, sin, rope_n_elem)
-    fields = (ctypes.c_int64 * (8 * len(matrices)))(*(f for m in matrices for f in m[:8]))
-    status = _lib.parallel_block(fields, x.data_ptr(), h.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                 k.data_ptr(), v.data_ptr(), B, n_head, n_groups, S, positions.data_ptr(),
-                                 positions.numel() > 1, window, head_size, rope_n_elem, scale)
+    fields = []
+    for layer in layers:  # gemv.c's parallel_layer
+        fields += (layer.norm_weight.data_ptr(), layer.norm_bias.data_ptr())
+        for matrix in layer.matrices:
+            fields += matrix[:8]
+        fields += (layer.k.data_ptr(), layer.v.data_ptr())
+    status = _lib.parallel_blocks((ctypes.c_int64 * len(fields))(*fields), len(layers), eps, x.data_ptr(),
+                                  out.data_ptr(), cos.data_ptr(), sin.data_ptr(), first, x.shape[0], n_head, n_groups,
+                                  S, positions.data_ptr(), positions.numel() > 1, window, head_size, rope_n_elem, scale)
     _check_attention(status, positions, S)
     return out
 
@@ -267,15 +278,17 @@ _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), 
 _ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
                          _run_attend_decode)
 _GELU_TANH = _Kernel("gelu_tanh", None, (_P, _P, _I64), _run_gelu_tanh, "gelu_tanh", _empty_like)
+_LAYER_NORM = _Kernel("layer_norm", None, (_P,) * 4 + (_I64,) * 2 + (_F32,), _run_layer_norm, "layer_norm",
+                      _empty_like)
 # eager only, as attend_decode
-_PARALLEL_BLOCK = _Kernel("parallel_block", _STATUS, (_P,) * 8 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
-                          _run_parallel_block)
+_PARALLEL_BLOCKS = _Kernel("parallel_blocks", _STATUS, (_P, _I64, _F32) + (_P,) * 4 + (_I64,) * 5 + (_P,)
+                           + (_I64,) * 4 + (_F32,), _run_parallel_blocks)
 # eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
 _QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
 _DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)
 _DEQUANTIZE_INT4_T = _Kernel("dequantize_int4_t", None, (_P,) * 3 + (_I64,) * 4, _run_dequantize_int4_t)
-_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _PARALLEL_BLOCK,
-            _QUANTIZE_X8, _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
+_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _LAYER_NORM,
+            _PARALLEL_BLOCKS, _QUANTIZE_X8, _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
 
 
 # ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
@@ -452,7 +465,7 @@ def _decode_attention(cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, input_pos:
 
 
 class Matrix(NamedTuple):
-    """A weight matrix as parallel_block's products read it (gemv.c's `matrix`: the first eight fields, the
+    """A weight matrix as parallel_blocks' products read it (gemv.c's `matrix`: the first eight fields, the
     tensors' addresses and sizes); from bf16_matrix, int8_matrix or int4_matrix, which check it as linear_bf16,
     linear_int8 and linear_int4 do. Valid while those tensors live and stay where they are: make one per call."""
 
@@ -494,26 +507,65 @@ def int4_matrix(packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_feat
     return None
 
 
-def parallel_block(matrices: Sequence[Optional[Matrix]], x: Tensor, h: Tensor, cos: Tensor, sin: Tensor, k: Tensor,
-                   v: Tensor, input_pos: Tensor, n_head: int, rope_n_elem: int, scale: float,
-                   window: int = 0) -> Optional[Tensor]:
-    """A decode step of a parallel-residual block after its layer norm, in one call (eager only):
-    x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))), as the model computes it with linear_*, attend_decode and
-    gelu_tanh, equal to that bit for bit.
+class ParallelLayer(NamedTuple):
+    """A parallel-residual block (phi-1, phi-1.5, phi-2) as parallel_blocks reads it."""
 
-    matrices: qkv, proj, fc, mlp_proj (None where a layer's kernel cannot take it); x, h: (B, 1, n_embd) bf16, the
-    block's input and its layer norm; the attention's arguments as attend_decode's. None, with the cache untouched,
-    where the kernels cannot take the step."""
-    if len(matrices) != 4 or None in matrices or x.dim() != 3:
+    norm_weight: Tensor  # its layer norm's weight and bias
+    norm_bias: Tensor
+    matrices: Sequence[Optional[Matrix]]  # qkv, proj, fc, the MLP's proj (None: one the kernels cannot take)
+    k: Tensor  # its whole KV cache, (rows, n_groups, max_seq_length, head_size)
+    v: Tensor
+
+
+def parallel_blocks(layers: Sequence[Optional[ParallelLayer]], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                    n_head: int, rope_n_elem: int, scale: float, eps: float, window: int = 0,
+                    row: Optional[int] = None) -> Optional[Tensor]:
+    """A decode step through parallel-residual blocks in one call (eager only): for each, h = layer_norm(x), then
+    x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))), as the model computes it with layer_norm, linear_*,
+    attend_decode and gelu_tanh, equal to that bit for bit.
+
+    layers: every block's (None: one the kernels cannot take); x: (B, 1, n_embd) bf16, the embedded tokens; the
+    step's sequences are the caches' first B rows, or row `row` (B = 1); the attention's other arguments as
+    attend_decode's. Returns the last block's output. None, with the caches untouched, where the kernels cannot
+    take the step."""
+    if not layers or None in layers or x.dim() != 3 or x.shape[1] != 1 or x.dtype != _BF16:
         return None
-    qkv, proj, fc, mlp_proj = matrices
-    B, T, C = x.shape
-    if (T == 1 and h.shape == x.shape and x.dtype == h.dtype == _BF16 and B <= min(m.max_rows for m in matrices)
-            and _decode_attention(cos, sin, k, v, input_pos, n_head, rope_n_elem, window) and k.shape[0] == B
-            and qkv.in_features == fc.in_features == proj.n_out == mlp_proj.n_out == C
-            and qkv.n_out == (n_head + 2 * k.shape[1]) * k.shape[3] and proj.in_features == n_head * k.shape[3]
-            and mlp_proj.in_features == fc.n_out and _usable(x, h)):
-        return _PARALLEL_BLOCK(matrices, x, h, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, window)
+    B, _, C = x.shape
+    first, k, v = row or 0, layers[0].k, layers[0].v
+    if (k.dim() != 4 or first < 0 or first + B > k.shape[0]
+            or not _decode_attention(cos, sin, k[first:first + B], v[first:first + B], input_pos, n_head, rope_n_elem,
+                                     window)):
+        return None
+    width = (n_head + 2 * k.shape[1]) * k.shape[3]
+    for layer in layers:
+        if not _parallel_layer(layer, B, C, width, n_head * k.shape[3], k):
+            return None
+    if _usable(x):
+        return _PARALLEL_BLOCKS(layers, x, cos, sin, input_pos, first, n_head, rope_n_elem, scale, eps, window)
+    return None
+
+
+def _parallel_layer(layer: ParallelLayer, B: int, C: int, qkv_width: int, heads_width: int, k: Tensor) -> bool:
+    """Whether parallel_blocks takes this block for B rows of width C (its cache shaped as the first block's k)."""
+    if len(layer.matrices) != 4 or None in layer.matrices:
+        return False
+    qkv, proj, fc, mlp_proj = layer.matrices
+    return (B <= min(qkv.max_rows, proj.max_rows, fc.max_rows, mlp_proj.max_rows)
+            and qkv.in_features == fc.in_features == proj.n_out == mlp_proj.n_out == C and qkv.n_out == qkv_width
+            and proj.in_features == heads_width and mlp_proj.in_features == fc.n_out
+            and layer.norm_weight.dtype == layer.norm_bias.dtype == _BF16
+            and layer.norm_weight.numel() == layer.norm_bias.numel() == C
+            and layer.k.shape == layer.v.shape == k.shape and layer.k.dtype == layer.v.dtype == _BF16
+            and _usable(layer.norm_weight, layer.norm_bias, layer.k, layer.v))
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Optional[Tensor]:
+    """F.layer_norm(x, x.shape[-1:], weight, bias, eps) for the few bf16 rows of a decode step: within one bf16 step
+    of it, equal on most values (see gemv.c); None where the kernels cannot take x."""
+    if (x.dtype == _BF16 and x.dim() > 0 and 0 < x.numel() <= FEW_ROWS * x.shape[-1] and weight is not None
+            and bias is not None and weight.dtype == bias.dtype == _BF16
+            and weight.numel() == bias.numel() == x.shape[-1] and _usable(x, weight, bias)):
+        return _LAYER_NORM(x, weight, bias, eps)
     return None
 
 

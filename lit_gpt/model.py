@@ -156,11 +156,28 @@ class GPT(nn.Module):
             window = self.attention_window(input_pos)._replace(row=row)
 
         x = self.transformer.wte(idx)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, input_pos, window)
+        fused = None if input_pos is None else self.fused_decode(x, cos, sin, input_pos, window)
+        if fused is not None:
+            x = fused
+        else:
+            for block in self.transformer.h:
+                x = block(x, cos, sin, input_pos, window)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.ln_f(x)) if logits else x
+
+    def fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                     window: "Window") -> Optional[torch.Tensor]:
+        """An eager one-token decode step on CPU through all of Phi-1/1.5/2's blocks in one kernel call
+        (gemv.parallel_blocks), from the embedded tokens x: the same result as the blocks' calls one by one, without
+        the Python between them, which ran cold after each layer's weights had streamed through the caches. None,
+        with the caches untouched, where the kernels do not take every block or the step."""
+        if x.size(1) != 1 or not self.config.parallel_residual or torch.compiler.is_compiling():
+            return None
+        c, attn = self.config, self.transformer.h[0].attn
+        layers = [block.decode_layer() for block in self.transformer.h]
+        return gemv.parallel_blocks(layers, x, cos, sin, input_pos, c.n_head, c.rope_n_elem, attn.scale, c.norm_eps,
+                                    c.sliding_window or 0, window.row)
 
     @torch.compiler.disable
     def _sync_rope(self, input_pos: torch.Tensor) -> None:
@@ -228,7 +245,7 @@ class Linear(nn.Linear):
         return y
 
     def decode_matrix(self) -> Optional[gemv.Matrix]:
-        """The weight as gemv.parallel_block reads it; None where the kernels cannot."""
+        """The weight as gemv.parallel_blocks reads it; None where the kernels cannot."""
         return gemv.bf16_matrix(self.weight, self.bias)
 
 
@@ -243,32 +260,25 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor],
                 window: Optional[Window]) -> torch.Tensor:
         h = self.norm_1(x)
+        a = self.attn(h, cos, sin, input_pos, window)
         if self.norm_2 is None:  # parallel residual: attention and MLP both read the same normalized input
-            if input_pos is not None:
-                out = self.fused_decode(x, h, cos, sin, input_pos, window)
-                if out is not None:
-                    return out
-            return x + self.attn(h, cos, sin, input_pos, window) + self.mlp(h)
-        x = x + self.attn(h, cos, sin, input_pos, window)
+            return x + a + self.mlp(h)
+        x = x + a
         return x + self.mlp(self.norm_2(x))
 
-    def fused_decode(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     input_pos: torch.Tensor, window: Window) -> Optional[torch.Tensor]:
-        """An eager one-token decode step on CPU of a parallel-residual block with a GELU MLP, after its layer norm
-        h, in one kernel call (gemv.parallel_block): the same result as the calls one by one, without the Python
-        between them. None, with the cache untouched, where the kernels do not take every layer or the step."""
-        attn, mlp = self.attn, self.mlp
-        if x.size(1) != 1 or attn.kv_cache is None or mlp.gated:
+    def decode_layer(self) -> Optional[gemv.ParallelLayer]:
+        """This block as gemv.parallel_blocks reads it: a parallel-residual one with our layer norm (the config's
+        eps) and a GELU MLP, with a KV cache; else None."""
+        attn, mlp, norm = self.attn, self.mlp, self.norm_1
+        if (self.norm_2 is not None or mlp.gated or attn.kv_cache is None or not isinstance(norm, LayerNorm)
+                or norm.weight is None or norm.bias is None or norm.eps != attn.config.norm_eps):
             return None
         matrices = [_decode_matrix(layer) for layer in (attn.attn, attn.proj, mlp.fc, mlp.proj)]
-        k, v = attn.kv_cache.step_rows(x.size(0), window.row)
-        c = attn.config
-        return gemv.parallel_block(matrices, x, h, cos, sin, k, v, input_pos, c.n_head, c.rope_n_elem, attn.scale,
-                                   c.sliding_window or 0)
+        return gemv.ParallelLayer(norm.weight, norm.bias, matrices, attn.kv_cache.k, attn.kv_cache.v)
 
 
 def _decode_matrix(layer: nn.Module) -> Optional[gemv.Matrix]:
-    """A layer's weight as gemv.parallel_block reads it (our Linear and the quantized ones say; other layers: None)."""
+    """A layer's weight as gemv.parallel_blocks reads it (our Linear and the quantized ones say; others: None)."""
     matrix = getattr(layer, "decode_matrix", None)
     return None if matrix is None else matrix()
 
@@ -368,10 +378,19 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, same state dict) whose few bf16 rows of a decode step on CPU go through our
+    kernel (gemv.layer_norm, as the blocks' norms in gemv.parallel_blocks: a step computes the same either way)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = gemv.layer_norm(x, self.weight, self.bias, self.eps) if len(self.normalized_shape) == 1 else None
+        return super().forward(x) if y is None else y
+
+
 def make_norm(config: Config) -> nn.Module:
     if config.norm_class_name == "RMSNorm":
         return RMSNorm(config.n_embd, config.norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return LayerNorm(config.n_embd, eps=config.norm_eps)
 
 
 def attention_mask(input_pos: torch.Tensor, length: int, sliding_window: Optional[int]) -> torch.Tensor:
@@ -445,14 +464,10 @@ class KVCache(nn.Module):
         sliding_window of them); returns (B, 1, n_head * head_size). None, with the cache untouched, where the
         kernel does not take the step: rotate, `update` and attend in PyTorch then. With `row`, the step is that
         cache row's (qkv (1, 1, ...))."""
-        k, v = self.step_rows(qkv.size(0), row)
-        return gemv.attend_decode(qkv, cos, sin, k, v, input_pos, n_head, rope_n_elem, scale, sliding_window or 0)
-
-    def step_rows(self, batch: int, row: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values a decode step of `batch` sequences writes and reads: the cache's first `batch` rows,
-        or its row `row` (batch 1)."""
         first = row or 0
-        return self.k[first:first + batch], self.v[first:first + batch]
+        rows = slice(first, first + qkv.size(0))
+        return gemv.attend_decode(qkv, cos, sin, self.k[rows], self.v[rows], input_pos, n_head, rope_n_elem, scale,
+                                  sliding_window or 0)
 
 
 def _drop_tied_head(model: GPT, state_dict: dict, prefix: str, local_metadata: dict) -> None:

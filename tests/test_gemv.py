@@ -303,18 +303,22 @@ INT4, INT4_SCALES = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 1, 64)  # s
 # the weights of qkv, proj, fc and the MLP's proj of a block with 2 heads of 16 (n_embd 32), proj with a bias
 BLOCK_WEIGHTS = [(_bf16(96, 32), None), (_bf16(32, 32), _bf16(32)), (_bf16(64, 32), None), (_bf16(32, 64), None)]
 INT8_MLP_PROJ = (torch.ones(32, 64, dtype=torch.int8), _bf16(32), None)
+NORM = (_bf16(32), _bf16(32))
 
 
-def _block(rows: int = 1, int8_mlp_proj: bool = False, n_head: int = 2, declined_layer: bool = False):
-    """parallel_block on BLOCK_WEIGHTS (the MLP's proj in int8, or a layer that the kernels did not take) for `rows`
-    sequences at position 3 of a cache of 8."""
+def _blocks(rows: int = 1, int8_mlp_proj: bool = False, n_head: int = 2, declined_layer: bool = False,
+            norm: tuple = NORM, row: int = None):
+    """parallel_blocks through two blocks of BLOCK_WEIGHTS (the MLP's proj in int8, or a layer that the kernels did
+    not take) for `rows` sequences at position 3 of a cache of 8 (2 rows; or its row `row`)."""
     matrices = [gemv.bf16_matrix(w, b) for w, b in BLOCK_WEIGHTS]
     if int8_mlp_proj:
         matrices[3] = gemv.int8_matrix(*INT8_MLP_PROJ)
     if declined_layer:
         matrices[3] = None
-    x, cache = X.view(1, 1, 32).expand(rows, 1, 32).contiguous(), K.expand(rows, 2, 8, 16)
-    return gemv.parallel_block(matrices, x, x, COS, COS, cache.clone(), cache.clone(), POS, n_head, 8, 0.25)
+    layers = [gemv.ParallelLayer(*norm, matrices, K.expand(2, 2, 8, 16).clone(), K.expand(2, 2, 8, 16).clone())
+              for _ in range(2)]
+    x = X.view(1, 1, 32).expand(rows, 1, 32).contiguous()
+    return gemv.parallel_blocks(layers, x, COS, COS, POS, n_head, 8, 0.25, 1e-5, row=row)
 
 DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok` call that they take
     "ok": lambda: gemv.linear_bf16(X, W, None),
@@ -352,11 +356,19 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
     "gelu more rows than FEW_ROWS": lambda: gemv.gelu_tanh(X.expand(gemv.FEW_ROWS + 1, 32).contiguous()),
     "gelu needing grad": lambda: gemv.gelu_tanh(X.clone().requires_grad_()),
     "gelu non-contiguous": lambda: gemv.gelu_tanh(X.expand(2, 32).t()),
-    "parallel_block ok": lambda: _block(),
-    "parallel_block int8 ok": lambda: _block(int8_mlp_proj=True),
-    "parallel_block a layer the kernels cannot take": lambda: _block(declined_layer=True),
-    "parallel_block int8 two rows": lambda: _block(rows=2, int8_mlp_proj=True),
-    "parallel_block heads of another size": lambda: _block(n_head=4),
+    "parallel_blocks ok": lambda: _blocks(),
+    "parallel_blocks int8 ok": lambda: _blocks(int8_mlp_proj=True),
+    "parallel_blocks two rows ok": lambda: _blocks(rows=2),
+    "parallel_blocks cache row 1 ok": lambda: _blocks(row=1),
+    "parallel_blocks a layer the kernels cannot take": lambda: _blocks(declined_layer=True),
+    "parallel_blocks int8 two rows": lambda: _blocks(rows=2, int8_mlp_proj=True),
+    "parallel_blocks heads of another size": lambda: _blocks(n_head=4),
+    "parallel_blocks a float32 norm": lambda: _blocks(norm=(torch.ones(32), torch.zeros(32))),
+    "parallel_blocks a row past the cache's rows": lambda: _blocks(row=2),
+    "layer_norm ok": lambda: gemv.layer_norm(X, *NORM, 1e-5),
+    "layer_norm without a bias": lambda: gemv.layer_norm(X, NORM[0], None, 1e-5),
+    "layer_norm float32": lambda: gemv.layer_norm(X.float(), *NORM, 1e-5),
+    "layer_norm weight of another size": lambda: gemv.layer_norm(X, _bf16(16), _bf16(16), 1e-5),
     "attend_decode qkv of another width": lambda: gemv.attend_decode(QKV[..., :80], COS, COS, K.clone(), K.clone(),
                                                                      POS, 2, 8, 0.25),
 }
@@ -397,9 +409,15 @@ def test_the_first_call_loads_the_kernels(tmp_path):
 
 
 @needs_kernels
-@pytest.mark.parametrize(("kind", "op"), [("bf16", "linear_bf16"), ("int8", "linear_int8"), ("int4", "linear_int4")])
+@pytest.mark.parametrize(("kind", "op"), [("bf16", "linear_bf16"), ("int8", "linear_int8"), ("int4", "linear_int4"),
+                                          ("layer norm", "layer_norm")])
 def test_under_torch_compile_the_same_calls_are_custom_ops(kind, op):
-    layer = _bf16_linear(256, 64) if kind == "bf16" else _quantized(kind, 256, 64)
+    from lit_gpt.model import LayerNorm
+
+    if kind == "layer norm":
+        layer = LayerNorm(256).to(torch.bfloat16).requires_grad_(False)
+    else:
+        layer = _bf16_linear(256, 64) if kind == "bf16" else _quantized(kind, 256, 64)
     x = _row(256)
     assert gemv.available()  # loaded before tracing, as compile_decode does
     traced = []
@@ -521,7 +539,7 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
 
-    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "parallel_block"), Spy(monkeypatch, "gelu_tanh")]
+    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "parallel_blocks"), Spy(monkeypatch, "gelu_tanh")]
     config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, intermediate_size=1024, block_size=64,
                               vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
     torch.manual_seed(0)
@@ -531,9 +549,9 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
         full = model(idx).float()
     model.set_kv_cache(1)
     decoded = _prefill_then_decode(model, idx).float()
-    # the 5-token prefill took the products' and GELU's kernels, every one-row step a block's kernel (the rest of
-    # a block after its layer norm) and the LM head's product
-    assert spies[0].calls == 2 * 4 + 1 + gemv.FEW_ROWS and spies[1].calls == gemv.FEW_ROWS * 2
+    # the 5-token prefill took the products' and GELU's kernels, every one-row step the blocks' kernel (the whole
+    # step through both blocks) and the LM head's product
+    assert spies[0].calls == 2 * 4 + 1 + gemv.FEW_ROWS and spies[1].calls == gemv.FEW_ROWS
     assert spies[2].calls == 2
     err = (decoded - full[:, 4:]).abs().max().item()
     assert err <= 0.03 * full.abs().max().item(), err
@@ -563,7 +581,7 @@ def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, 
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return logits, caches
 
-    monkeypatch.setattr(gemv, "parallel_block", lambda *args: None)  # the block's calls one by one
+    monkeypatch.setattr(gemv, "parallel_blocks", lambda *args: None)  # the blocks' calls one by one
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
     assert fused.calls == 7 * 2
@@ -601,7 +619,7 @@ def test_fused_decode_takes_each_sequence_at_its_own_position(monkeypatch, name,
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return torch.cat(logits, dim=1).float(), caches
 
-    monkeypatch.setattr(gemv, "parallel_block", lambda *args: None)  # the block's calls one by one
+    monkeypatch.setattr(gemv, "parallel_blocks", lambda *args: None)  # the blocks' calls one by one
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
     assert fused.calls == 2 * 2
@@ -614,9 +632,9 @@ def test_fused_decode_takes_each_sequence_at_its_own_position(monkeypatch, name,
 
 @needs_kernels
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
-def test_a_parallel_block_in_one_call_equals_its_calls_one_by_one_bit_for_bit(monkeypatch, mode):
-    """gemv.parallel_block (a phi-2 block's decode step after its layer norm, from C) computes what the model's
-    calls one by one compute (products, attend_decode, GELU, residual sums): the same logits and caches, to the
+def test_the_blocks_in_one_call_equal_their_calls_one_by_one_bit_for_bit(monkeypatch, mode):
+    """gemv.parallel_blocks (a decode step through all of phi-2's blocks, from C) computes what the blocks' calls one
+    by one compute (layer norms, products, attend_decode, GELU, residual sums): the same logits and caches, to the
     bit; for one sequence, for a row of the cache (a server's one-token prompt), and for a batch at its own
     positions (int8's kernel takes one row: there it declines and the calls run one by one)."""
     from lit_gpt.config import Config
@@ -644,11 +662,11 @@ def test_a_parallel_block_in_one_call_equals_its_calls_one_by_one_bit_for_bit(mo
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return one, batch, caches
 
-    fused = Spy(monkeypatch, "parallel_block")
+    fused = Spy(monkeypatch, "parallel_blocks")
     one, batch, caches = decode()
-    # 7 one-row steps, the one-token prompt of row 0, and (but for int8) the 2 batched steps, in each of 2 blocks
-    assert fused.calls == 2 * (7 + 1 + (0 if mode == "int8" else 2))
-    monkeypatch.setattr(gemv, "parallel_block", lambda *args: None)
+    # 7 one-row steps, the one-token prompt of row 0, and (but for int8) the 2 batched steps
+    assert fused.calls == 7 + 1 + (0 if mode == "int8" else 2)
+    monkeypatch.setattr(gemv, "parallel_blocks", lambda *args: None)
     one_ref, batch_ref, caches_ref = decode()
     assert torch.equal(one, one_ref) and torch.equal(batch, batch_ref)
     assert all(torch.equal(a, b) for a, b in zip(caches, caches_ref))
@@ -726,6 +744,22 @@ def test_gelu_kernel_equals_pytorchs_above_minus_2_9_and_is_closer_to_exact_belo
     special = torch.tensor([[float("inf"), float("-inf"), float("nan"), -0.0, -1e30, 3e38]], dtype=torch.bfloat16)
     assert torch.equal(gemv.gelu_tanh(special).isnan(), F.gelu(special, approximate="tanh").isnan())
     assert torch.equal(gemv.gelu_tanh(special).nan_to_num(), F.gelu(special, approximate="tanh").nan_to_num())
+
+
+@needs_kernels
+@pytest.mark.parametrize("width", [7, 100, 2560, 3072])
+def test_layer_norm_kernel_is_within_one_bf16_step_of_pytorchs(width):
+    """gemv.layer_norm against F.layer_norm on rows with an offset and a spread (its moments in double, PyTorch's
+    in fp32): equal but for a few values in a thousand, those within one bf16 step of the row's largest value, and
+    no further from the exact result than PyTorch's."""
+    torch.manual_seed(width)
+    x = (torch.randn(gemv.FEW_ROWS, 1, width) * torch.linspace(0.01, 30, gemv.FEW_ROWS).view(-1, 1, 1) + 3)
+    x, weight, bias = x.to(torch.bfloat16), _bf16(width) * 2, _bf16(width)
+    y, ref = gemv.layer_norm(x, weight, bias, 1e-5).float(), F.layer_norm(x, (width,), weight, bias, 1e-5).float()
+    assert (y == ref).float().mean().item() >= 0.99
+    assert ((y - ref).abs() <= ref.abs().amax(dim=-1, keepdim=True) / 128).all()
+    exact = F.layer_norm(x.double(), (width,), weight.double(), bias.double(), 1e-5)
+    assert (y.double() - exact).abs().max() <= (ref.double() - exact).abs().max() * 1.01 + 1e-6
 
 
 @needs_kernels
