@@ -648,7 +648,7 @@ def test_the_blocks_in_one_call_equal_their_calls_one_by_one_bit_for_bit(monkeyp
     if mode != "bf16":
         quantize.quantize_model(model, mode)
     idx = torch.randint(0, 512, (3, 20))
-    lengths = [1, 9, 14]
+    lengths = [9, 1, 14]  # row 1: a one-token prompt, one step through the blocks
 
     def decode():
         with torch.inference_mode():
@@ -664,7 +664,7 @@ def test_the_blocks_in_one_call_equal_their_calls_one_by_one_bit_for_bit(monkeyp
 
     fused = Spy(monkeypatch, "parallel_blocks")
     one, batch, caches = decode()
-    # 7 one-row steps, the one-token prompt of row 0, and (but for int8) the 2 batched steps
+    # 7 one-row steps, the one-token prompt of row 1, and (but for int8) the 2 batched steps
     assert fused.calls == 7 + 1 + (0 if mode == "int8" else 2)
     monkeypatch.setattr(gemv, "parallel_blocks", lambda *args: None)
     one_ref, batch_ref, caches_ref = decode()
