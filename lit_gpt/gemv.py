@@ -6,9 +6,10 @@ on these machines and its packed int8 kernel does worse; gemv.c reads each weigh
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
 One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one`, `attend_decode`, `gelu_tanh`,
-`layer_norm` and `parallel_blocks` (a decode step through all of phi-2's blocks) return the result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or
-shapes, autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
-inside `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
+`layer_norm` and `parallel_blocks` (a decode step through all of phi-2's blocks) return the result, or None where
+the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or shapes, autograd, not on
+the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch, inside
+`pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
 ~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
 instructions, another OS) or LIT_GPT_GEMV=0 is set, every call returns None and `available()` is False.
 Under torch.compile the same calls trace to custom ops; the library must be loaded before tracing (call
@@ -464,12 +465,15 @@ def _decode_attention(cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, input_pos:
             and _usable(cos, sin, k, v, input_pos))
 
 
+_KIND_BF16, _KIND_INT8, _KIND_INT4 = 0, 1, 2  # gemv.c's BF16, INT8, INT4
+
+
 class Matrix(NamedTuple):
     """A weight matrix as parallel_blocks' products read it (gemv.c's `matrix`: the first eight fields, the
     tensors' addresses and sizes); from bf16_matrix, int8_matrix or int4_matrix, which check it as linear_bf16,
     linear_int8 and linear_int4 do. Valid while those tensors live and stay where they are: make one per call."""
 
-    kind: int  # gemv.c's BF16, INT8, INT4
+    kind: int  # _KIND_BF16, _KIND_INT8 or _KIND_INT4
     w: int
     scales: int
     bias: int
@@ -484,7 +488,7 @@ def bf16_matrix(weight: Tensor, bias: Optional[Tensor]) -> Optional[Matrix]:
     """The matrix of linear_bf16(x, weight, bias); None where the kernels cannot take it (or under torch.compile)."""
     if not torch.compiler.is_compiling() and _bf16_weight(weight, bias) and _usable(weight, bias):
         N, K = weight.shape
-        return Matrix(0, weight.data_ptr(), 0, _ptr(bias) or 0, N, K, N, 0, FEW_ROWS)
+        return Matrix(_KIND_BF16, weight.data_ptr(), 0, _ptr(bias) or 0, N, K, N, 0, FEW_ROWS)
     return None
 
 
@@ -492,7 +496,7 @@ def int8_matrix(weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Optio
     """The matrix of linear_int8(x, weight, scales, bias) (one row); None where the kernels cannot take it."""
     if not torch.compiler.is_compiling() and _int8_weight(weight, scales, bias) and _usable(weight, scales, bias):
         N, K = weight.shape
-        return Matrix(1, weight.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, N, K, N, 0, 1)
+        return Matrix(_KIND_INT8, weight.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, N, K, N, 0, 1)
     return None
 
 
@@ -502,8 +506,8 @@ def int4_matrix(packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_feat
     take it."""
     if (not torch.compiler.is_compiling() and _int4_weight(packed, scales, bias, out_features, group_size)
             and _usable(packed, scales, bias)):
-        return Matrix(2, packed.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, out_features, packed.shape[1] * 2,
-                      packed.shape[0], group_size, FEW_ROWS)
+        return Matrix(_KIND_INT4, packed.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, out_features,
+                      packed.shape[1] * 2, packed.shape[0], group_size, FEW_ROWS)
     return None
 
 
