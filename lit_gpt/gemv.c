@@ -37,6 +37,11 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torc
 
 static inline float bias_at(const uint16_t *bias, int64_t n) { return bias ? bf16_to_f32(bias[n]) : 0.0f; }
 
+// the first `left` of 16 lanes (all for left >= 16, none for left <= 0): a loop's last, partial vector
+static inline __mmask16 first_lanes(int64_t left) {
+    return _cvtu32_mask16(left >= 16 ? 0xFFFFu : left <= 0 ? 0u : (1u << left) - 1u);
+}
+
 static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -222,7 +227,7 @@ static int q8_x_make(q8_x *f, const uint16_t *x, int64_t K) {
         __mmask16 m[2];
         for (int h = 0; h < 2; h++) {
             int64_t k = k0 + 16 * h, left = k1 - k;
-            m[h] = _cvtu32_mask16(left >= 16 ? 0xFFFFu : left <= 0 ? 0u : (1u << left) - 1u);
+            m[h] = first_lanes(left);
             v[h] = load_bf16x16(x + k, m[h]);
             __m512 a = _mm512_abs_ps(v[h]);
             if (_mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ)) f->finite = 0;  // infinite or NaN
@@ -443,7 +448,7 @@ void dequantize_int8(const int8_t *w, const uint16_t *scales, uint16_t *out, int
             _mm256_storeu_si256((__m256i *)(out + r * K + k), f32x16_to_bf16(_mm512_mul_ps(v, s)));
         }
         if (k < K) {
-            __mmask16 m = _cvtu32_mask16((1u << (K - k)) - 1u);
+            __mmask16 m = first_lanes(K - k);
             __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + k)));
             _mm256_mask_storeu_epi16(out + r * K + k, m, f32x16_to_bf16(_mm512_mul_ps(v, s)));
         }
@@ -521,7 +526,7 @@ static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *v
     __m512 qf[MAX_HEAD_SIZE / 16], acc[MAX_HEAD_SIZE / 16];
     for (int64_t c = 0; c < chunks; c++) {
         int64_t left = hs - 16 * c;
-        mask[c] = _cvtu32_mask16(left >= 16 ? 0xFFFFu : (1u << left) - 1u);
+        mask[c] = first_lanes(left);
         qf[c] = _mm512_mul_ps(load_bf16x16(q + 16 * c, mask[c]), _mm512_set1_ps(scale));
         acc[c] = _mm512_setzero_ps();
     }
@@ -542,7 +547,7 @@ static void attend_head(const uint16_t *q, const uint16_t *kh, const uint16_t *v
     }
     __m512 total = _mm512_setzero_ps();
     for (int64_t l = 0; l < L; l += 16) {
-        __mmask16 m = _cvtu32_mask16(L - l >= 16 ? 0xFFFFu : (1u << (L - l)) - 1u);
+        __mmask16 m = first_lanes(L - l);
         __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), _mm512_set1_ps(top))));
         _mm512_mask_storeu_ps(s + l, m, e);
         total = _mm512_add_ps(total, e);
@@ -658,7 +663,7 @@ void gelu_tanh(const uint16_t *x, uint16_t *y, int64_t n) {
     // (e^-104 rounds to 0; a larger |z|, or an infinite one, would leave exp16's range)
     const __m512 one = _mm512_set1_ps(1.0f), limit = _mm512_set1_ps(104.0f);
     for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+        __mmask16 m = first_lanes(n - i);
         __m512 v = load_bf16x16(x + i, m);
         __m512 z = _mm512_mul_ps(beta2, _mm512_fmadd_ps(_mm512_mul_ps(kappa, v), _mm512_mul_ps(v, v), v));
         // sigmoid(z) from t = e^-|z| <= 1: 1 / (1 + t) for z >= 0, t / (1 + t) below (NaN in, NaN out; as in
@@ -687,7 +692,7 @@ void layer_norm(const uint16_t *x, const uint16_t *weight, const uint16_t *bias,
         uint16_t *yr = y + r * n;
         __m512d sum = _mm512_setzero_pd();
         for (int64_t i = 0; i < n; i += 16) {
-            __mmask16 m = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+            __mmask16 m = first_lanes(n - i);
             __m512 v = load_bf16x16(xr + i, m);
             sum = _mm512_add_pd(sum, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
                                                    _mm512_cvtps_pd(upper_half(v))));
@@ -695,7 +700,7 @@ void layer_norm(const uint16_t *x, const uint16_t *weight, const uint16_t *bias,
         double mean = _mm512_reduce_add_pd(sum) / (double)n;
         __m512d squares = _mm512_setzero_pd(), mean8 = _mm512_set1_pd(mean);
         for (int64_t i = 0; i < n; i += 16) {
-            __mmask16 m = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+            __mmask16 m = first_lanes(n - i);
             __m512 v = load_bf16x16(xr + i, m);
             __m512d lo = _mm512_sub_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)), mean8);
             __m512d hi = _mm512_sub_pd(_mm512_cvtps_pd(upper_half(v)), mean8);
@@ -707,7 +712,7 @@ void layer_norm(const uint16_t *x, const uint16_t *weight, const uint16_t *bias,
         float rstd = 1.0f / sqrtf((float)(_mm512_reduce_add_pd(squares) / (double)n) + eps);
         __m512 scale = _mm512_set1_ps(rstd), shift = _mm512_set1_ps(-(float)mean * rstd);
         for (int64_t i = 0; i < n; i += 16) {
-            __mmask16 m = _cvtu32_mask16(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+            __mmask16 m = first_lanes(n - i);
             __m512 v = _mm512_add_ps(_mm512_mul_ps(load_bf16x16(xr + i, m), scale), shift);
             v = _mm512_add_ps(_mm512_mul_ps(v, load_bf16x16(weight + i, m)), load_bf16x16(bias + i, m));
             _mm256_mask_storeu_epi16(yr + i, m, f32x16_to_bf16(v));
@@ -715,12 +720,12 @@ void layer_norm(const uint16_t *x, const uint16_t *weight, const uint16_t *bias,
     }
 }
 
-// ---- a whole parallel-residual block of a decode step, in one call --------------------------------------
+// ---- a decode step through all of a parallel-residual model's blocks, in one call -------------------------
 //
-// Between the products of a decode step PyTorch's eager ops and the Python around them took ~4.5 ms per phi-2
-// step (out of ~80-115), most of it after each layer's weights had pushed that code out of the caches; the
-// memory sat idle meanwhile. Here the calls that follow the block's layer norm run from C, in the model's
-// order, and give the same results as the separate calls (the same kernels, the same roundings).
+// Between the products of a decode step PyTorch's eager ops and the Python around them took ~5 ms per phi-2
+// step (out of ~75-115), most of it after each layer's weights had pushed that code out of the caches; the
+// memory sat idle meanwhile. Here every block's calls run from C, in the model's order, and give the same
+// results as the separate calls (the same kernels, the same roundings).
 
 enum { BF16 = 0, INT8 = 1, INT4 = 2 };
 
@@ -748,17 +753,21 @@ static int product(const matrix *m, const uint16_t *x, uint16_t *y, int64_t M) {
     }
 }
 
+// The elements of parallel_block's scratch for B rows: qkv, the heads' outputs, the attention's projection, fc's
+// output and the MLP's projection, one after the other.
+static int64_t block_scratch(const matrix *mats, int64_t B, int64_t n_head, int64_t hs) {
+    return B * (mats[0].n_out + n_head * hs + mats[1].n_out + mats[2].n_out + mats[3].n_out);
+}
+
 // out = x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))) for B rows (phi-1, phi-1.5, phi-2), each sum rounded
-// to bf16 as (x + a) + m is in PyTorch; h: the block's layer norm of x. mats: qkv, proj, fc, mlp_proj; the
-// attention's arguments as attend_decode's. out may not be x.
-static int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t *h, uint16_t *out, const float *cos,
-                          const float *sin, uint16_t *k, uint16_t *v, int64_t B, int64_t n_head, int64_t n_groups,
-                          int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs, int64_t n_elem,
-                          float scale) {
-    int64_t C = mats[1].n_out, n_qkv = mats[0].n_out, n_fc = mats[2].n_out, n_y = n_head * hs;
-    uint16_t *qkv = malloc(B * (n_qkv + n_y + C + n_fc + C) * sizeof(uint16_t));
-    if (!qkv) return OUT_OF_MEMORY;
-    uint16_t *y = qkv + B * n_qkv, *a = y + B * n_y, *f = a + B * C, *m = f + B * n_fc;
+// to bf16 as (x + a) + m is in PyTorch; h: the block's layer norm of x. mats: qkv, proj, fc, mlp_proj; scratch:
+// block_scratch(...) elements; the attention's arguments as attend_decode's. out may not be x.
+static int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t *h, uint16_t *out, uint16_t *scratch,
+                          const float *cos, const float *sin, uint16_t *k, uint16_t *v, int64_t B, int64_t n_head,
+                          int64_t n_groups, int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs,
+                          int64_t n_elem, float scale) {
+    int64_t C = mats[1].n_out, n_fc = mats[2].n_out;
+    uint16_t *qkv = scratch, *y = qkv + B * mats[0].n_out, *a = y + B * n_head * hs, *f = a + B * C, *m = f + B * n_fc;
     int status = product(&mats[0], h, qkv, B);
     if (!status) status = attend_decode(qkv, cos, sin, k, v, y, B, n_head, n_groups, S, pos, per_row, window, hs,
                                         n_elem, scale);
@@ -771,7 +780,6 @@ static int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t 
     if (!status)
         for (int64_t i = 0; i < B * C; i++)
             out[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(a[i]))) + bf16_to_f32(m[i]));
-    free(qkv);
     return status;
 }
 
@@ -789,18 +797,20 @@ int parallel_blocks(const parallel_layer *layers, int64_t n_layer, float eps, co
                     const float *cos, const float *sin, int64_t first, int64_t B, int64_t n_head, int64_t n_groups,
                     int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs, int64_t n_elem,
                     float scale) {
+    // every block has the first's shapes (gemv.py checks them): one scratch serves the whole step
     int64_t C = layers[0].mats[1].n_out, row = n_groups * S * hs;
-    uint16_t *h = malloc(3 * B * C * sizeof(uint16_t));
+    uint16_t *h = malloc((3 * B * C + block_scratch(layers[0].mats, B, n_head, hs)) * sizeof(uint16_t));
     if (!h) return OUT_OF_MEMORY;
-    uint16_t *between[2] = {h + B * C, h + 2 * B * C};
+    uint16_t *between[2] = {h + B * C, h + 2 * B * C}, *scratch = h + 3 * B * C;
     const uint16_t *in = x;
     int status = 0;
     for (int64_t l = 0; l < n_layer && !status; l++) {
         const parallel_layer *layer = &layers[l];
         uint16_t *next = l == n_layer - 1 ? out : between[l % 2];
         layer_norm(in, layer->norm_weight, layer->norm_bias, h, B, C, eps);
-        status = parallel_block(layer->mats, in, h, next, cos, sin, layer->k + first * row, layer->v + first * row, B,
-                                n_head, n_groups, S, pos, per_row, window, hs, n_elem, scale);
+        status = parallel_block(layer->mats, in, h, next, scratch, cos, sin, layer->k + first * row,
+                                layer->v + first * row, B, n_head, n_groups, S, pos, per_row, window, hs, n_elem,
+                                scale);
         in = next;
     }
     free(h);

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -307,7 +308,7 @@ NORM = (_bf16(32), _bf16(32))
 
 
 def _blocks(rows: int = 1, int8_mlp_proj: bool = False, n_head: int = 2, declined_layer: bool = False,
-            norm: tuple = NORM, row: int = None):
+            norm: tuple = NORM, row: Optional[int] = None):
     """parallel_blocks through two blocks of BLOCK_WEIGHTS (the MLP's proj in int8, or a layer that the kernels did
     not take) for `rows` sequences at position 3 of a cache of 8 (2 rows; or its row `row`)."""
     matrices = [gemv.bf16_matrix(w, b) for w, b in BLOCK_WEIGHTS]
