@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lit_gpt.choices import WeightMode, check_choice
+from lit_gpt.device import sync
 from lit_gpt.files import HF_CONFIG, LIT_CONFIG, LIT_MODEL
 from lit_gpt.utils import InvalidArgument, NeedsStep
 
@@ -41,16 +42,30 @@ def prompt_ids(encode: Callable[[str], list[int]], prompt_tokens: Optional[int] 
     return ids[:prompt_tokens]
 
 
-def read_bandwidth(gigabytes: float = 2.0, repeats: int = 7) -> float:
-    """GB/s of a sum over a float32 tensor far larger than the caches (median of `repeats`)."""
-    x = torch.ones(int(gigabytes * 1e9) // 4)
+def run_device() -> torch.device:
+    """Where our runs and transformers' run: the GPU where there is one (as generate/base.py chooses), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def read_bandwidth(device: torch.device = torch.device("cpu"), gigabytes: float = 2.0, repeats: int = 7) -> float:
+    """GB/s of a sum over a float32 tensor far larger than the caches, in the memory of `device` (median of
+    `repeats`; on a GPU 4x the size, as its sum of 2 GB takes well under a millisecond)."""
+    if device.type == "cuda":
+        gigabytes *= 4
+    x = torch.ones(int(gigabytes * 1e9) // 4, device=device)
     x.sum()  # touch every page once
     times = []
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
         x.sum()
+        sync(device)
         times.append(time.perf_counter() - t0)
-    return x.nbytes / statistics.median(times) / 1e9
+    gbps = x.nbytes / statistics.median(times) / 1e9
+    del x
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # (the runs, in their own processes, need that memory back)
+    return gbps
 
 
 def peak_rss() -> int:
@@ -96,7 +111,7 @@ def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compi
     from lit_gpt.generate import compile_decode, generate_tokens
     from lit_gpt.tokenizer import Tokenizer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device()
     dtype = torch.float32 if mode == "fp32" else torch.bfloat16
     start_rss = rss()  # the interpreter, torch and our modules, before any weight
     t0 = time.perf_counter()
@@ -130,7 +145,7 @@ def bench_transformers(hf_dir: str, max_new_tokens: int, prompt_tokens: Optional
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = run_device()
     start_rss = rss()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
@@ -179,10 +194,12 @@ def bench_llama_cpp(gguf_path: str, checkpoint_dir: str, max_new_tokens: int, we
     tokenizer = Tokenizer(checkpoint_dir)
     ids = prompt_ids(lambda text: tokenizer.encode(text).tolist(), prompt_tokens)
     threads = torch.get_num_threads()  # llama-cpp-python's default would be half the CPUs
+    device = run_device()  # beside ours: on the GPU where there is one (_llama_cpp_runs checks that it can)
     start_rss = rss()
+    device_used = _device_memory_used(device)  # (its allocations are not torch's: the device's count is the measure)
     t0 = time.perf_counter()
     llm = Llama(gguf_path, n_ctx=len(ids) + max_new_tokens, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
+                n_gpu_layers=-1 if device.type == "cuda" else 0, verbose=False)
     load_s = time.perf_counter() - t0
 
     def run(on_token) -> None:
@@ -197,7 +214,16 @@ def bench_llama_cpp(gguf_path: str, checkpoint_dir: str, max_new_tokens: int, we
     config = Config.from_json(Path(checkpoint_dir) / LIT_CONFIG)
     kv_bytes = kv_cache_bytes(config, 1, llm.n_ctx(), torch.float16)  # llama.cpp's default cache: f16, n_ctx rounded up
     return dict(steady, ttft=first["ttft"], load_s=load_s, peak_rss=peak_rss(), start_rss=start_rss,
-                model_bytes=weight_bytes + kv_bytes, device="cpu", peak_cuda=None)
+                model_bytes=weight_bytes + kv_bytes, device=device.type,
+                peak_cuda=_device_memory_used(device) - device_used if device.type == "cuda" else None)
+
+
+def _device_memory_used(device: torch.device) -> int:
+    """Bytes in use on a GPU, by every process (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free
 
 
 def run_child(job: dict) -> dict:
@@ -264,6 +290,12 @@ def _llama_cpp_runs(checkpoint_dir: Path, common: dict) -> list[tuple[str, dict]
     if importlib.util.find_spec("llama_cpp") is None:
         raise InvalidArgument("llama_cpp", "needs llama-cpp-python: pip install 'lit-phi[bench]' (which compiles "
                                            "llama.cpp)")
+    import llama_cpp
+
+    if run_device().type == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+        raise InvalidArgument("llama_cpp", "this llama-cpp-python runs on the CPU only, ours on the GPU here: "
+                                           "reinstall it built for CUDA (CMAKE_ARGS='-DGGML_CUDA=on' pip install "
+                                           "--force-reinstall --no-cache-dir llama-cpp-python), or leave it out")
     from lit_gpt.config import Config
     from lit_gpt.gguf_export import cached_gguf, gguf_tensor_bytes
 
@@ -284,13 +316,14 @@ def _rounds(runs: list[tuple[str, dict]], rounds: int) -> dict[str, list[dict]]:
     """Every run `rounds` times, rotated. The bandwidth is measured around every run, and each run is set
     against the mean of the figures before and after it."""
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}
-    bandwidths = [read_bandwidth()]
+    device = run_device()
+    bandwidths = [read_bandwidth(device)]
     for r in range(rounds):
         for name, job in runs[r % len(runs):] + runs[: r % len(runs)]:
             print(f"round {r + 1}/{rounds}: read bandwidth {bandwidths[-1]:.1f} GB/s; running {name} ...",
                   file=sys.stderr)
             result = run_child(job)
-            bandwidths.append(read_bandwidth())
+            bandwidths.append(read_bandwidth(device))
             result["read_bw"] = (bandwidths[-2] + bandwidths[-1]) / 2
             if "gbps" in result:
                 result["bw_share"] = result["gbps"] / result["read_bw"]
@@ -315,13 +348,17 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
     bf16 = next((r for r in rows if r["name"].startswith("ours bf16") and "error" not in r), None)
     medians = f"; medians of {rounds} rounds" if rounds > 1 else ""
     prompt = next((f"a {r['prompt_tokens']}-token prompt, " for r in rows if "prompt_tokens" in r), "")
-    print(f"\n{checkpoint_dir}, batch 1, greedy, {prompt}{max_new_tokens} new tokens; read BW: a sum over 2 GB of "
-          f"float32, measured before and after each run{medians}. Memory: peak RSS, and how far the peak rose above the "
-          f"process's RSS before loading (the interpreter and torch), against the model's bytes (weights, KV "
-          f"cache, tables)\n")
+    gpu = any(r.get("device") == "cuda" for r in rows)
+    where = "GPU memory (8 GB of float32)" if gpu else "2 GB of float32"
+    memory = ("the most allocated on the GPU (llama.cpp: the device memory it held after its runs), against"
+              if gpu else "peak RSS, and how far the peak rose above the process's RSS before loading (the "
+                          "interpreter and torch), against")
+    print(f"\n{checkpoint_dir}, batch 1, greedy, {prompt}{max_new_tokens} new tokens; read BW: a sum over {where}, "
+          f"measured before and after each run{medians}. Memory: {memory} the model's bytes (weights, KV cache, "
+          f"tables)\n")
     head = ("| run | load s | first token s | prefill tok/s | decode tok/s | vs our bf16 | GB/step | GB/s "
-            "| read BW GB/s | % of read BW | peak RSS GB | model GB | peak rise vs model | decode vs transformers "
-            "| decode vs llama.cpp, by round |")
+            f"| read BW GB/s | % of read BW | peak {'GPU' if gpu else 'RSS'} GB | model GB | peak rise vs model "
+            "| decode vs transformers | decode vs llama.cpp, by round |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
@@ -331,11 +368,12 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
         ratio = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "-"
         ours_or_llama = r["name"].startswith(("ours", "llama.cpp"))
         vs_bf16 = f"{r['decode_tps'] / bf16['decode_tps']:.2f}x" if bf16 and ours_or_llama else "-"
-        rise = (r["peak_rss"] - r["start_rss"]) / r["model_bytes"] - 1
+        peak, start = (r["peak_cuda"], 0) if r.get("device") == "cuda" else (r["peak_rss"], r["start_rss"])
+        rise = (peak - start) / r["model_bytes"] - 1
         vs_llama = f"{r['vs_llama_cpp']:.2f}x" if r.get("vs_llama_cpp") else "-"
         print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
               f"| {vs_bf16} | {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
-              f"| {r['peak_rss'] / 1e9:.2f} | {r['model_bytes'] / 1e9:.3g} | {100 * rise:+.1f}% | {ratio} | {vs_llama} |")
+              f"| {peak / 1e9:.2f} | {r['model_bytes'] / 1e9:.3g} | {100 * rise:+.1f}% | {ratio} | {vs_llama} |")
 
 
 if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark '{"kind": "ours", ...}'
