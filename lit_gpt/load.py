@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from lit_gpt.choices import OWN_QUANTIZE_MODES, DtypeName, QuantizeMode, check_choice
+from lit_gpt.choices import OWN_QUANTIZE_MODES, QuantizeMode, check_choice
 from lit_gpt.config import Config
 from lit_gpt.files import LIT_CONFIG, LIT_MODEL
 from lit_gpt.model import GPT

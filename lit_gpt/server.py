@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 from lit_gpt.batching import Engine, QueueFull, Request
 from lit_gpt.utils import UserError

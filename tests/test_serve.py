@@ -1,8 +1,6 @@
 """serve/base.py against the official openai client: the answers generate gives, continuous batching that changes
 no one's text, OpenAI's error shapes, disconnects and SIGTERM. The server runs the demo model on 127.0.0.1."""
 
-import json
-import os
 import signal
 import socket
 import subprocess
