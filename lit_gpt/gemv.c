@@ -675,6 +675,35 @@ void gelu_tanh(const uint16_t *x, uint16_t *y, int64_t n) {
     }
 }
 
+// ---- SwiGLU's product of a decode step's few rows (the later family's MLP) ----------------------------------
+//
+// silu(gate) = gate / (1 + e^-gate) in fp32, rounded to bf16, then times up and rounded again: F.silu(gate) * up in
+// bf16. Its exponential is exp16, not PyTorch's, so the two differ by one bf16 step on a few values; results that
+// are subnormal floats flush to zero, as vcvtneps2bf16 rounds.
+
+static inline __m512 bf16x16_rounded(__m512 v) {  // v rounded to bf16 and back to fp32
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(f32x16_to_bf16(v)), 16));
+}
+
+// y (rows, n) = silu(gate) * up, from rows of [gate | up] (rows, 2n), the fused gate_up product
+void silu_mul(const uint16_t *gate_up, uint16_t *y, int64_t rows, int64_t n) {
+    // (e^-104 rounds to 0: past that the gate's sign alone decides)
+    const __m512 one = _mm512_set1_ps(1.0f), limit = _mm512_set1_ps(104.0f);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *gate = gate_up + 2 * r * n, *up = gate + n;
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = first_lanes(n - i);
+            __m512 g = load_bf16x16(gate + i, m);
+            // t = e^-|g| <= 1: gate / (1 + t) for gate >= 0, gate * t / (1 + t) below (= gate / (1 + e^-gate))
+            __m512 t = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_min_ps(_mm512_abs_ps(g), limit)));
+            __mmask16 negative = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+            __m512 silu = _mm512_div_ps(_mm512_mul_ps(g, _mm512_mask_blend_ps(negative, one, t)), _mm512_add_ps(one, t));
+            __m512 product = _mm512_mul_ps(bf16x16_rounded(silu), load_bf16x16(up + i, m));
+            _mm256_mask_storeu_epi16(y + r * n + i, m, f32x16_to_bf16(product));
+        }
+    }
+}
+
 // ---- layer norm of a decode step's few rows ----------------------------------------------------------------
 //
 // y = (x - mean) / sqrt(var + eps) * weight + bias for each row of n: the mean and variance summed in double,
@@ -720,12 +749,38 @@ void layer_norm(const uint16_t *x, const uint16_t *weight, const uint16_t *bias,
     }
 }
 
-// ---- a decode step through all of a parallel-residual model's blocks, in one call -------------------------
+// ---- RMS norm of a decode step's few rows (the later family) ------------------------------------------------
+//
+// y = weight * bf16(x / sqrt(mean(x^2) + eps)) for each row of n: the mean summed in double, the rest in fp32, the
+// normalized row rounded to bf16 before the weight multiplies it (as RMSNorm, and the checkpoints' Phi3RMSNorm, do
+// in bf16). PyTorch sums its fp32 mean otherwise, so the two differ by one bf16 step on a few values.
+
+void rms_norm(const uint16_t *x, const uint16_t *weight, uint16_t *y, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n;
+        uint16_t *yr = y + r * n;
+        __m512d squares = _mm512_setzero_pd();
+        for (int64_t i = 0; i < n; i += 16) {  // (past n the lanes load as zeros, which add nothing)
+            __m512 v = load_bf16x16(xr + i, first_lanes(n - i));
+            __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), hi = _mm512_cvtps_pd(upper_half(v));
+            squares = _mm512_add_pd(squares, _mm512_add_pd(_mm512_mul_pd(lo, lo), _mm512_mul_pd(hi, hi)));
+        }
+        __m512 rstd = _mm512_set1_ps(1.0f / sqrtf((float)(_mm512_reduce_add_pd(squares) / (double)n) + eps));
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 m = first_lanes(n - i);
+            __m512 normalized = bf16x16_rounded(_mm512_mul_ps(load_bf16x16(xr + i, m), rstd));
+            _mm256_mask_storeu_epi16(yr + i, m, f32x16_to_bf16(_mm512_mul_ps(load_bf16x16(weight + i, m), normalized)));
+        }
+    }
+}
+
+// ---- a decode step through all of a model's blocks, in one call -------------------------------------------
 //
 // Between the products of a decode step PyTorch's eager ops and the Python around them took ~5 ms per phi-2
 // step (out of ~75-115), most of it after each layer's weights had pushed that code out of the caches; the
 // memory sat idle meanwhile. Here every block's calls run from C, in the model's order, and give the same
-// results as the separate calls (the same kernels, the same roundings).
+// results as the separate calls (the same kernels, the same roundings): phi-1/1.5/2's parallel blocks, and the
+// later family's sequential ones.
 
 enum { BF16 = 0, INT8 = 1, INT4 = 2 };
 
@@ -753,64 +808,120 @@ static int product(const matrix *m, const uint16_t *x, uint16_t *y, int64_t M) {
     }
 }
 
-// The elements of parallel_block's scratch for B rows: qkv, the heads' outputs, the attention's projection, fc's
-// output and the MLP's projection, one after the other.
-static int64_t block_scratch(const matrix *mats, int64_t B, int64_t n_head, int64_t hs) {
-    return B * (mats[0].n_out + n_head * hs + mats[1].n_out + mats[2].n_out + mats[3].n_out);
+// A block's scratch for B rows, one after the other: qkv, the heads' outputs, the attention's projection, fc's output,
+// SwiGLU's product (sequential blocks) and the MLP's projection.
+typedef struct {
+    uint16_t *qkv, *heads, *a, *f, *g, *m;
+} block_scratch;
+
+static int64_t block_scratch_size(const matrix *mats, int64_t B, int64_t n_head, int64_t hs) {
+    return B * (mats[0].n_out + n_head * hs + mats[1].n_out + mats[2].n_out + mats[2].n_out / 2 + mats[3].n_out);
 }
 
-// out = x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))) for B rows (phi-1, phi-1.5, phi-2), each sum rounded
-// to bf16 as (x + a) + m is in PyTorch; h: the block's layer norm of x. mats: qkv, proj, fc, mlp_proj; scratch:
-// block_scratch(...) elements; the attention's arguments as attend_decode's. out may not be x.
-static int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t *h, uint16_t *out, uint16_t *scratch,
-                          const float *cos, const float *sin, uint16_t *k, uint16_t *v, int64_t B, int64_t n_head,
-                          int64_t n_groups, int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs,
-                          int64_t n_elem, float scale) {
-    int64_t C = mats[1].n_out, n_fc = mats[2].n_out;
-    uint16_t *qkv = scratch, *y = qkv + B * mats[0].n_out, *a = y + B * n_head * hs, *f = a + B * C, *m = f + B * n_fc;
-    int status = product(&mats[0], h, qkv, B);
-    if (!status) status = attend_decode(qkv, cos, sin, k, v, y, B, n_head, n_groups, S, pos, per_row, window, hs,
-                                        n_elem, scale);
-    if (!status) status = product(&mats[1], y, a, B);
-    if (!status) status = product(&mats[2], h, f, B);
-    if (!status) {
-        gelu_tanh(f, f, B * n_fc);
-        status = product(&mats[3], f, m, B);
-    }
-    if (!status)
-        for (int64_t i = 0; i < B * C; i++)
-            out[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(a[i]))) + bf16_to_f32(m[i]));
+static block_scratch block_scratch_at(uint16_t *p, const matrix *mats, int64_t B, int64_t n_head, int64_t hs) {
+    block_scratch b;
+    b.qkv = p;
+    b.heads = b.qkv + B * mats[0].n_out;
+    b.a = b.heads + B * n_head * hs;
+    b.f = b.a + B * mats[1].n_out;
+    b.g = b.f + B * mats[2].n_out;
+    b.m = b.g + B * (mats[2].n_out / 2);
+    return b;
+}
+
+// The attention's arguments, as attend_decode's (k and v: the block's cache rows of the step's sequences).
+typedef struct {
+    const float *cos, *sin;
+    int64_t B, n_head, n_groups, S;
+    const int64_t *pos;
+    int64_t per_row, window, hs, n_elem;
+    float scale;
+} attention_args;
+
+// b.a = proj(attention(qkv(h))) for B rows
+static int attention_part(const matrix *mats, const uint16_t *h, block_scratch b, uint16_t *k, uint16_t *v,
+                          const attention_args *t) {
+    int status = product(&mats[0], h, b.qkv, t->B);
+    if (!status) status = attend_decode(b.qkv, t->cos, t->sin, k, v, b.heads, t->B, t->n_head, t->n_groups, t->S,
+                                        t->pos, t->per_row, t->window, t->hs, t->n_elem, t->scale);
+    if (!status) status = product(&mats[1], b.heads, b.a, t->B);
     return status;
 }
 
-// A parallel-residual block as parallel_blocks reads it; all 8-byte fields.
+// out = x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))) for B rows (phi-1, phi-1.5, phi-2), each sum rounded
+// to bf16 as (x + a) + m is in PyTorch; h: the block's layer norm of x. mats: qkv, proj, fc, mlp_proj.
+static int parallel_block(const matrix *mats, const uint16_t *x, const uint16_t *h, uint16_t *out, block_scratch b,
+                          uint16_t *k, uint16_t *v, const attention_args *t) {
+    int64_t B = t->B, C = mats[1].n_out;
+    int status = attention_part(mats, h, b, k, v, t);
+    if (!status) status = product(&mats[2], h, b.f, B);
+    if (!status) {
+        gelu_tanh(b.f, b.f, B * mats[2].n_out);
+        status = product(&mats[3], b.f, b.m, B);
+    }
+    if (!status)
+        for (int64_t i = 0; i < B * C; i++)
+            out[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(b.a[i])))
+                                 + bf16_to_f32(b.m[i]));
+    return status;
+}
+
+// out = x1 + mlp_proj(silu(gate) * up) with x1 = x + proj(attention(qkv(h))) and [gate | up] = fc(rms_norm(x1)), for
+// B rows (the later family's block), each sum rounded to bf16 as in PyTorch; h: the block's first RMS norm of x
+// (overwritten). norm_2: the second RMS norm's weight.
+static int sequential_block(const matrix *mats, const uint16_t *norm_2, float eps, const uint16_t *x, uint16_t *h,
+                            uint16_t *out, block_scratch b, uint16_t *k, uint16_t *v, const attention_args *t) {
+    int64_t B = t->B, C = mats[1].n_out, n_ff = mats[2].n_out / 2;
+    int status = attention_part(mats, h, b, k, v, t);
+    if (status) return status;
+    for (int64_t i = 0; i < B * C; i++) b.a[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(b.a[i]));
+    rms_norm(b.a, norm_2, h, B, C, eps);
+    status = product(&mats[2], h, b.f, B);
+    if (!status) {
+        silu_mul(b.f, b.g, B, n_ff);
+        status = product(&mats[3], b.g, b.m, B);
+    }
+    if (!status)
+        for (int64_t i = 0; i < B * C; i++) out[i] = f32_to_bf16(bf16_to_f32(b.a[i]) + bf16_to_f32(b.m[i]));
+    return status;
+}
+
+// A block as decode_blocks reads it; all 8-byte fields.
 typedef struct {
-    const uint16_t *norm_weight, *norm_bias;  // its layer norm's, bf16
+    const uint16_t *norm_weight, *norm_bias;  // its (first) norm's, bf16: a layer norm's, or an RMS norm's (bias NULL)
+    const uint16_t *norm_2_weight;            // a sequential block's second RMS norm's; a parallel block: NULL
     matrix mats[4];                           // qkv, proj, fc, mlp_proj
     uint16_t *k, *v;                          // its whole cache, (rows, n_groups, S, hs)
-} parallel_layer;
+} decode_layer;
 
-// A decode step through n_layer parallel-residual blocks: each block's layer norm (eps), then parallel_block, from
-// x (B, n_embd) to out; the step's sequences in cache rows first .. first + B - 1; the attention's other arguments
-// as attend_decode's. OUT_OF_CACHE (from the first block, before anything is written) or OUT_OF_MEMORY.
-int parallel_blocks(const parallel_layer *layers, int64_t n_layer, float eps, const uint16_t *x, uint16_t *out,
-                    const float *cos, const float *sin, int64_t first, int64_t B, int64_t n_head, int64_t n_groups,
-                    int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs, int64_t n_elem,
-                    float scale) {
+// A decode step through n_layer blocks, parallel (layer norm, then parallel_block) or sequential (RMS norm, then
+// sequential_block), each norm with eps; from x (B, n_embd) to out; the step's sequences in cache rows first ..
+// first + B - 1; the attention's other arguments as attend_decode's. OUT_OF_CACHE (from the first block, before
+// anything is written) or OUT_OF_MEMORY.
+int decode_blocks(const decode_layer *layers, int64_t n_layer, int64_t sequential, float eps, const uint16_t *x,
+                  uint16_t *out, const float *cos, const float *sin, int64_t first, int64_t B, int64_t n_head,
+                  int64_t n_groups, int64_t S, const int64_t *pos, int64_t per_row, int64_t window, int64_t hs,
+                  int64_t n_elem, float scale) {
     // every block has the first's shapes (gemv.py checks them): one scratch serves the whole step
-    int64_t C = layers[0].mats[1].n_out, row = n_groups * S * hs;
-    uint16_t *h = malloc((3 * B * C + block_scratch(layers[0].mats, B, n_head, hs)) * sizeof(uint16_t));
+    const matrix *mats = layers[0].mats;
+    int64_t C = mats[1].n_out, row = n_groups * S * hs;
+    uint16_t *h = malloc((3 * B * C + block_scratch_size(mats, B, n_head, hs)) * sizeof(uint16_t));
     if (!h) return OUT_OF_MEMORY;
-    uint16_t *between[2] = {h + B * C, h + 2 * B * C}, *scratch = h + 3 * B * C;
+    uint16_t *between[2] = {h + B * C, h + 2 * B * C};
+    block_scratch b = block_scratch_at(h + 3 * B * C, mats, B, n_head, hs);
+    attention_args t = {cos, sin, B, n_head, n_groups, S, pos, per_row, window, hs, n_elem, scale};
     const uint16_t *in = x;
     int status = 0;
     for (int64_t l = 0; l < n_layer && !status; l++) {
-        const parallel_layer *layer = &layers[l];
-        uint16_t *next = l == n_layer - 1 ? out : between[l % 2];
-        layer_norm(in, layer->norm_weight, layer->norm_bias, h, B, C, eps);
-        status = parallel_block(layer->mats, in, h, next, scratch, cos, sin, layer->k + first * row,
-                                layer->v + first * row, B, n_head, n_groups, S, pos, per_row, window, hs, n_elem,
-                                scale);
+        const decode_layer *layer = &layers[l];
+        uint16_t *next = l == n_layer - 1 ? out : between[l % 2], *k = layer->k + first * row, *v = layer->v + first * row;
+        if (sequential) {
+            rms_norm(in, layer->norm_weight, h, B, C, eps);
+            status = sequential_block(layer->mats, layer->norm_2_weight, eps, in, h, next, b, k, v, &t);
+        } else {
+            layer_norm(in, layer->norm_weight, layer->norm_bias, h, B, C, eps);
+            status = parallel_block(layer->mats, in, h, next, b, k, v, &t);
+        }
         in = next;
     }
     free(h);

@@ -6,7 +6,8 @@ on these machines and its packed int8 kernel does worse; gemv.c reads each weigh
 back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
 One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one`, `attend_decode`, `gelu_tanh`,
-`layer_norm` and `parallel_blocks` (a decode step through all of phi-2's blocks) return the result, or None where
+`silu_mul`, `layer_norm`, `rms_norm` and `decode_blocks` (a decode step through all of a model's blocks) return the
+result, or None where
 the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or shapes, autograd, not on
 the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch, inside
 `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
@@ -251,20 +252,37 @@ def _run_layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tens
     return y
 
 
-def _run_parallel_blocks(layers: Sequence["ParallelLayer"], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                         first: int, n_head: int, rope_n_elem: int, scale: float, eps: float, window: int) -> Tensor:
+def _run_silu_mul(x: Tensor) -> Tensor:
+    y = _half_empty(x)
+    _lib.silu_mul(x.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], y.shape[-1])
+    return y
+
+
+def _half_empty(x: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def _run_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    x, y = x.contiguous(), _empty_like(x)
+    _lib.rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return y
+
+
+def _run_decode_blocks(layers: Sequence["DecodeLayer"], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                       first: int, n_head: int, rope_n_elem: int, scale: float, eps: float, window: int) -> Tensor:
     _, n_groups, S, head_size = layers[0].k.shape
     out = _empty_like(x)
     positions, cos, sin = _rotary_inputs(input_pos, cos, sin, rope_n_elem)
     fields = []
-    for layer in layers:  # gemv.c's parallel_layer
-        fields += (layer.norm_weight.data_ptr(), layer.norm_bias.data_ptr())
+    for layer in layers:  # gemv.c's decode_layer
+        fields += (layer.norm_weight.data_ptr(), _ptr(layer.norm_bias) or 0, _ptr(layer.norm_2_weight) or 0)
         for matrix in layer.matrices:
             fields += matrix[:8]
         fields += (layer.k.data_ptr(), layer.v.data_ptr())
-    status = _lib.parallel_blocks((ctypes.c_int64 * len(fields))(*fields), len(layers), eps, x.data_ptr(),
-                                  out.data_ptr(), cos.data_ptr(), sin.data_ptr(), first, x.shape[0], n_head, n_groups,
-                                  S, positions.data_ptr(), positions.numel() > 1, window, head_size, rope_n_elem, scale)
+    sequential = layers[0].norm_2_weight is not None
+    status = _lib.decode_blocks((ctypes.c_int64 * len(fields))(*fields), len(layers), sequential, eps, x.data_ptr(),
+                                out.data_ptr(), cos.data_ptr(), sin.data_ptr(), first, x.shape[0], n_head, n_groups, S,
+                                positions.data_ptr(), positions.numel() > 1, window, head_size, rope_n_elem, scale)
     _check_attention(status, positions, S)
     return out
 
@@ -279,17 +297,19 @@ _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), 
 _ATTEND_DECODE = _Kernel("attend_decode", _STATUS, (_P,) * 6 + (_I64,) * 4 + (_P,) + (_I64,) * 4 + (_F32,),
                          _run_attend_decode)
 _GELU_TANH = _Kernel("gelu_tanh", None, (_P, _P, _I64), _run_gelu_tanh, "gelu_tanh", _empty_like)
+_SILU_MUL = _Kernel("silu_mul", None, (_P, _P, _I64, _I64), _run_silu_mul, "silu_mul", _half_empty)
 _LAYER_NORM = _Kernel("layer_norm", None, (_P,) * 4 + (_I64,) * 2 + (_F32,), _run_layer_norm, "layer_norm",
                       _empty_like)
+_RMS_NORM = _Kernel("rms_norm", None, (_P,) * 3 + (_I64,) * 2 + (_F32,), _run_rms_norm, "rms_norm", _empty_like)
 # eager only, as attend_decode
-_PARALLEL_BLOCKS = _Kernel("parallel_blocks", _STATUS, (_P, _I64, _F32) + (_P,) * 4 + (_I64,) * 5 + (_P,)
-                           + (_I64,) * 4 + (_F32,), _run_parallel_blocks)
+_DECODE_BLOCKS = _Kernel("decode_blocks", _STATUS, (_P, _I64, _I64, _F32) + (_P,) * 4 + (_I64,) * 5 + (_P,)
+                         + (_I64,) * 4 + (_F32,), _run_decode_blocks)
 # eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
 _QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
 _DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)
 _DEQUANTIZE_INT4_T = _Kernel("dequantize_int4_t", None, (_P,) * 3 + (_I64,) * 4, _run_dequantize_int4_t)
-_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _LAYER_NORM,
-            _PARALLEL_BLOCKS, _QUANTIZE_X8, _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
+_KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _SILU_MUL, _LAYER_NORM,
+            _RMS_NORM, _DECODE_BLOCKS, _QUANTIZE_X8, _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
 
 
 # ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
@@ -469,7 +489,7 @@ _KIND_BF16, _KIND_INT8, _KIND_INT4 = 0, 1, 2  # gemv.c's BF16, INT8, INT4
 
 
 class Matrix(NamedTuple):
-    """A weight matrix as parallel_blocks' products read it (gemv.c's `matrix`: the first eight fields, the
+    """A weight matrix as decode_blocks' products read it (gemv.c's `matrix`: the first eight fields, the
     tensors' addresses and sizes); from bf16_matrix, int8_matrix or int4_matrix, which check it as linear_bf16,
     linear_int8 and linear_int4 do. Valid while those tensors live and stay where they are: make one per call."""
 
@@ -511,27 +531,30 @@ def int4_matrix(packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_feat
     return None
 
 
-class ParallelLayer(NamedTuple):
-    """A parallel-residual block (phi-1, phi-1.5, phi-2) as parallel_blocks reads it."""
+class DecodeLayer(NamedTuple):
+    """A block as decode_blocks reads it: phi-1/1.5/2's parallel-residual one (a layer norm, a GELU MLP) or the later
+    family's sequential one (two RMS norms, a SwiGLU MLP)."""
 
-    norm_weight: Tensor  # its layer norm's weight and bias
-    norm_bias: Tensor
+    norm_weight: Tensor  # its (first) norm's weight, and a layer norm's bias (an RMS norm: None)
+    norm_bias: Optional[Tensor]
+    norm_2_weight: Optional[Tensor]  # a sequential block's second RMS norm's weight; a parallel block: None
     matrices: Sequence[Optional[Matrix]]  # qkv, proj, fc, the MLP's proj (None: one the kernels cannot take)
     k: Tensor  # its whole KV cache, (rows, n_groups, max_seq_length, head_size)
     v: Tensor
 
 
-def parallel_blocks(layers: Sequence[Optional[ParallelLayer]], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                    n_head: int, rope_n_elem: int, scale: float, eps: float, window: int = 0,
-                    row: Optional[int] = None) -> Optional[Tensor]:
-    """A decode step through parallel-residual blocks in one call (eager only): for each, h = layer_norm(x), then
-    x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))), as the model computes it with layer_norm, linear_*,
-    attend_decode and gelu_tanh, equal to that bit for bit.
+def decode_blocks(layers: Sequence[Optional[DecodeLayer]], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
+                  n_head: int, rope_n_elem: int, scale: float, eps: float, window: int = 0,
+                  row: Optional[int] = None) -> Optional[Tensor]:
+    """A decode step through the blocks in one call (eager only), as the model computes it with layer_norm / rms_norm,
+    linear_*, attend_decode and gelu_tanh / silu_mul, equal to that bit for bit. Parallel blocks: h = layer_norm(x),
+    then x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))); sequential ones: x1 = x + proj(attention(qkv(
+    rms_norm(x)))), then x1 + mlp_proj(silu(gate) * up) with [gate | up] = fc(rms_norm_2(x1)).
 
-    layers: every block's (None: one the kernels cannot take); x: (B, 1, n_embd) bf16, the embedded tokens; the
-    step's sequences are the caches' first B rows, or row `row` (B = 1); the attention's other arguments as
-    attend_decode's. Returns the last block's output. None, with the caches untouched, where the kernels cannot
-    take the step."""
+    layers: every block's (None: one the kernels cannot take), all of one kind; x: (B, 1, n_embd) bf16, the embedded
+    tokens; the step's sequences are the caches' first B rows, or row `row` (B = 1); eps: the norms'; the
+    attention's other arguments as attend_decode's. Returns the last block's output. None, with the caches
+    untouched, where the kernels cannot take the step."""
     if not layers or None in layers or x.dim() != 3 or x.shape[1] != 1 or x.dtype != _BF16:
         return None
     B, _, C = x.shape
@@ -540,27 +563,31 @@ def parallel_blocks(layers: Sequence[Optional[ParallelLayer]], x: Tensor, cos: T
             or not _decode_attention(cos, sin, k[first:first + B], v[first:first + B], input_pos, n_head, rope_n_elem,
                                      window)):
         return None
-    width = (n_head + 2 * k.shape[1]) * k.shape[3]
+    width, sequential = (n_head + 2 * k.shape[1]) * k.shape[3], layers[0].norm_2_weight is not None
     for layer in layers:
-        if not _parallel_layer(layer, B, C, width, n_head * k.shape[3], k):
+        if not _decode_layer(layer, sequential, B, C, width, n_head * k.shape[3], k):
             return None
     if _usable(x):
-        return _PARALLEL_BLOCKS(layers, x, cos, sin, input_pos, first, n_head, rope_n_elem, scale, eps, window)
+        return _DECODE_BLOCKS(layers, x, cos, sin, input_pos, first, n_head, rope_n_elem, scale, eps, window)
     return None
 
 
-def _parallel_layer(layer: ParallelLayer, B: int, C: int, qkv_width: int, heads_width: int, k: Tensor) -> bool:
-    """Whether parallel_blocks takes this block for B rows of width C (its cache shaped as the first block's k)."""
-    if len(layer.matrices) != 4 or None in layer.matrices:
+def _decode_layer(layer: DecodeLayer, sequential: bool, B: int, C: int, qkv_width: int, heads_width: int,
+                  k: Tensor) -> bool:
+    """Whether decode_blocks takes this block, of the kind `sequential` says, for B rows of width C (its cache shaped
+    as the first block's k)."""
+    if len(layer.matrices) != 4 or None in layer.matrices or (layer.norm_2_weight is not None) != sequential:
         return False
     qkv, proj, fc, mlp_proj = layer.matrices
+    # a sequential block's norms: two RMS norms' weights; a parallel block's: a layer norm's weight and bias
+    norms = (layer.norm_weight, layer.norm_2_weight) if sequential else (layer.norm_weight, layer.norm_bias)
     return (B <= min(qkv.max_rows, proj.max_rows, fc.max_rows, mlp_proj.max_rows)
             and qkv.in_features == fc.in_features == proj.n_out == mlp_proj.n_out == C and qkv.n_out == qkv_width
-            and proj.in_features == heads_width and mlp_proj.in_features == fc.n_out
-            and layer.norm_weight.dtype == layer.norm_bias.dtype == _BF16
-            and layer.norm_weight.numel() == layer.norm_bias.numel() == C
+            and proj.in_features == heads_width and fc.n_out == (2 if sequential else 1) * mlp_proj.in_features
+            and (not sequential or layer.norm_bias is None)
+            and all(n is not None and n.dtype == _BF16 and n.numel() == C for n in norms)
             and layer.k.shape == layer.v.shape == k.shape and layer.k.dtype == layer.v.dtype == _BF16
-            and _usable(layer.norm_weight, layer.norm_bias, layer.k, layer.v))
+            and _usable(*norms, layer.k, layer.v))
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Optional[Tensor]:
@@ -573,11 +600,31 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     return None
 
 
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Optional[Tensor]:
+    """weight * (x / sqrt(mean(x^2) + eps)), the normalized row rounded to x's dtype first (RMSNorm's forward), for the
+    few bf16 rows of a decode step: within one bf16 step of it, equal on most values (see gemv.c); None where the
+    kernels cannot take x."""
+    if (x.dtype == _BF16 and x.dim() > 0 and 0 < x.numel() <= FEW_ROWS * x.shape[-1] and weight is not None
+            and weight.dtype == _BF16 and weight.numel() == x.shape[-1] and _usable(x, weight)):
+        return _RMS_NORM(x, weight, eps)
+    return None
+
+
 def gelu_tanh(x: Tensor) -> Optional[Tensor]:
     """F.gelu(x, approximate="tanh") for the few bf16 rows of a decode step: equal for x above -2.9, closer to the
     exact value below (see gemv.c); None where the kernels cannot take x."""
     if x.dtype == _BF16 and x.dim() > 0 and x.numel() <= FEW_ROWS * x.shape[-1] and _usable(x):
         return _GELU_TANH(x)
+    return None
+
+
+def silu_mul(x: Tensor) -> Optional[Tensor]:
+    """F.silu(gate) * up for [gate | up] = x (the fused gate_up product's halves) of the few bf16 rows of a decode step,
+    (..., width / 2): within one bf16 step of it, equal on most values (see gemv.c); None where the kernels cannot
+    take x."""
+    if (x.dtype == _BF16 and x.dim() > 0 and x.shape[-1] % 2 == 0 and 0 < x.numel() <= FEW_ROWS * x.shape[-1]
+            and _usable(x)):
+        return _SILU_MUL(x)
     return None
 
 

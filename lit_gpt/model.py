@@ -168,16 +168,16 @@ class GPT(nn.Module):
 
     def fused_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                      window: "Window") -> Optional[torch.Tensor]:
-        """An eager one-token decode step on CPU through all of Phi-1/1.5/2's blocks in one kernel call
-        (gemv.parallel_blocks), from the embedded tokens x: the same result as the blocks' calls one by one, without
-        the Python between them, which ran cold after each layer's weights had streamed through the caches. None,
-        with the caches untouched, where the kernels do not take every block or the step."""
-        if x.size(1) != 1 or not self.config.parallel_residual or torch.compiler.is_compiling():
+        """An eager one-token decode step on CPU through all the blocks in one kernel call (gemv.decode_blocks), from
+        the embedded tokens x: the same result as the blocks' calls one by one, without the Python between them,
+        which ran cold after each layer's weights had streamed through the caches. None, with the caches untouched,
+        where the kernels do not take every block or the step."""
+        if x.size(1) != 1 or torch.compiler.is_compiling():
             return None
         c, attn = self.config, self.transformer.h[0].attn
         layers = [block.decode_layer() for block in self.transformer.h]
-        return gemv.parallel_blocks(layers, x, cos, sin, input_pos, c.n_head, c.rope_n_elem, attn.scale, c.norm_eps,
-                                    c.sliding_window or 0, window.row)
+        return gemv.decode_blocks(layers, x, cos, sin, input_pos, c.n_head, c.rope_n_elem, attn.scale, c.norm_eps,
+                                  c.sliding_window or 0, window.row)
 
     @torch.compiler.disable
     def _sync_rope(self, input_pos: torch.Tensor) -> None:
@@ -245,7 +245,7 @@ class Linear(nn.Linear):
         return y
 
     def decode_matrix(self) -> Optional[gemv.Matrix]:
-        """The weight as gemv.parallel_blocks reads it; None where the kernels cannot."""
+        """The weight as gemv.decode_blocks reads it; None where the kernels cannot."""
         return gemv.bf16_matrix(self.weight, self.bias)
 
 
@@ -266,19 +266,28 @@ class Block(nn.Module):
         x = x + a
         return x + self.mlp(self.norm_2(x))
 
-    def decode_layer(self) -> Optional[gemv.ParallelLayer]:
-        """This block as gemv.parallel_blocks reads it: a parallel-residual one with our layer norm (the config's
-        eps) and a GELU MLP, with a KV cache; else None."""
-        attn, mlp, norm = self.attn, self.mlp, self.norm_1
-        if (self.norm_2 is not None or mlp.gated or attn.kv_cache is None or not isinstance(norm, LayerNorm)
-                or norm.weight is None or norm.bias is None or norm.eps != attn.config.norm_eps):
+    def decode_layer(self) -> Optional[gemv.DecodeLayer]:
+        """This block as gemv.decode_blocks reads it, with its KV cache: a parallel-residual one with our layer norm
+        and a GELU MLP, or a sequential one with two RMS norms and a SwiGLU MLP (norms with the config's eps); else
+        None."""
+        attn, mlp, norm_1, norm_2 = self.attn, self.mlp, self.norm_1, self.norm_2
+        if attn.kv_cache is None or norm_1.eps != attn.config.norm_eps:
             return None
+        if norm_2 is None:
+            if mlp.gated or not isinstance(norm_1, LayerNorm) or norm_1.weight is None or norm_1.bias is None:
+                return None
+            norms = (norm_1.weight, norm_1.bias, None)
+        else:
+            if (not mlp.gated or not isinstance(norm_1, RMSNorm) or not isinstance(norm_2, RMSNorm)
+                    or norm_2.eps != norm_1.eps):
+                return None
+            norms = (norm_1.weight, None, norm_2.weight)
         matrices = [_decode_matrix(layer) for layer in (attn.attn, attn.proj, mlp.fc, mlp.proj)]
-        return gemv.ParallelLayer(norm.weight, norm.bias, matrices, attn.kv_cache.k, attn.kv_cache.v)
+        return gemv.DecodeLayer(*norms, matrices, attn.kv_cache.k, attn.kv_cache.v)
 
 
 def _decode_matrix(layer: nn.Module) -> Optional[gemv.Matrix]:
-    """A layer's weight as gemv.parallel_blocks reads it (our Linear and the quantized ones say; others: None)."""
+    """A layer's weight as gemv.decode_blocks reads it (our Linear and the quantized ones say; others: None)."""
     matrix = getattr(layer, "decode_matrix", None)
     return None if matrix is None else matrix()
 
@@ -360,13 +369,18 @@ class MLP(nn.Module):
             h = self.fc(x)
             g = gemv.gelu_tanh(h)  # a decode step on CPU
             return self.proj(F.gelu(h, approximate="tanh") if g is None else g)
-        gate, up = self.fc(x).chunk(2, dim=-1)
-        return self.proj(F.silu(gate) * up)
+        gate_up = self.fc(x)
+        g = gemv.silu_mul(gate_up)  # a decode step on CPU
+        if g is None:
+            gate, up = gate_up.chunk(2, dim=-1)
+            g = F.silu(gate) * up
+        return self.proj(g)
 
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, normalized in float32 and cast back before the weight multiplies it (as
-    the checkpoints' Phi3RMSNorm does, so that bf16 results match theirs too)."""
+    the checkpoints' Phi3RMSNorm does, so that bf16 results match theirs too). The few bf16 rows of a decode step on
+    CPU go through our kernel (gemv.rms_norm, as the blocks' norms in gemv.decode_blocks)."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -374,13 +388,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = gemv.rms_norm(x, self.weight, self.eps)
+        if y is not None:
+            return y
         x32 = x.float()
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters, same state dict) whose few bf16 rows of a decode step on CPU go through our
-    kernel (gemv.layer_norm, as the blocks' norms in gemv.parallel_blocks: a step computes the same either way)."""
+    kernel (gemv.layer_norm, as the blocks' norms in gemv.decode_blocks: a step computes the same either way)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = gemv.layer_norm(x, self.weight, self.bias, self.eps) if len(self.normalized_shape) == 1 else None

@@ -213,7 +213,7 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def decode_matrix(self) -> Optional[gemv.Matrix]:
-        """The weight as gemv.parallel_blocks reads it; None where the kernels cannot."""
+        """The weight as gemv.decode_blocks reads it; None where the kernels cannot."""
         return gemv.int8_matrix(self.weight, self.scales, self.bias)
 
     def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
@@ -424,7 +424,7 @@ class Int4Linear(nn.Module):
         return "scales_and_zeros", torch.stack((scales, torch.zeros_like(scales)), dim=-1)
 
     def decode_matrix(self) -> Optional[gemv.Matrix]:
-        """The weight as gemv.parallel_blocks reads it; None where the kernels cannot."""
+        """The weight as gemv.decode_blocks reads it; None where the kernels cannot."""
         if not self.gemv_layout:
             return None
         return gemv.int4_matrix(self.weight, self.scales, self.bias, self.out_features, self.group_size)

@@ -304,22 +304,27 @@ INT4, INT4_SCALES = torch.zeros(64, 16, dtype=torch.uint8), _bf16(1, 1, 64)  # s
 # the weights of qkv, proj, fc and the MLP's proj of a block with 2 heads of 16 (n_embd 32), proj with a bias
 BLOCK_WEIGHTS = [(_bf16(96, 32), None), (_bf16(32, 32), _bf16(32)), (_bf16(64, 32), None), (_bf16(32, 64), None)]
 INT8_MLP_PROJ = (torch.ones(32, 64, dtype=torch.int8), _bf16(32), None)
-NORM = (_bf16(32), _bf16(32))
+NORM = (_bf16(32), _bf16(32), None)  # a parallel block's layer norm
+RMS_NORMS = (_bf16(32), None, _bf16(32))  # a sequential block's two RMS norms
+GATE_UP = (_bf16(128, 32), None)  # a sequential block's fc: gate and up, 64 each, for the MLP's proj (32, 64)
 
 
 def _blocks(rows: int = 1, int8_mlp_proj: bool = False, n_head: int = 2, declined_layer: bool = False,
-            norm: tuple = NORM, row: Optional[int] = None):
-    """parallel_blocks through two blocks of BLOCK_WEIGHTS (the MLP's proj in int8, or a layer that the kernels did
-    not take) for `rows` sequences at position 3 of a cache of 8 (2 rows; or its row `row`)."""
+            norm: tuple = NORM, row: Optional[int] = None, fc: tuple = BLOCK_WEIGHTS[2], kinds: str = "same"):
+    """decode_blocks through two blocks of BLOCK_WEIGHTS (parallel ones with NORM; sequential ones with RMS_NORMS and
+    GATE_UP as fc; the MLP's proj in int8, or a layer that the kernels did not take; kinds="mixed": the second block
+    of the other kind) for `rows` sequences at position 3 of a cache of 8 (2 rows; or its row `row`)."""
     matrices = [gemv.bf16_matrix(w, b) for w, b in BLOCK_WEIGHTS]
+    matrices[2] = gemv.bf16_matrix(*fc)
     if int8_mlp_proj:
         matrices[3] = gemv.int8_matrix(*INT8_MLP_PROJ)
     if declined_layer:
         matrices[3] = None
-    layers = [gemv.ParallelLayer(*norm, matrices, K.expand(2, 2, 8, 16).clone(), K.expand(2, 2, 8, 16).clone())
-              for _ in range(2)]
+    norms = [norm, norm if kinds == "same" else (NORM if norm is RMS_NORMS else RMS_NORMS)]
+    layers = [gemv.DecodeLayer(*n, matrices, K.expand(2, 2, 8, 16).clone(), K.expand(2, 2, 8, 16).clone())
+              for n in norms]
     x = X.view(1, 1, 32).expand(rows, 1, 32).contiguous()
-    return gemv.parallel_blocks(layers, x, COS, COS, POS, n_head, 8, 0.25, 1e-5, row=row)
+    return gemv.decode_blocks(layers, x, COS, COS, POS, n_head, 8, 0.25, 1e-5, row=row)
 
 DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok` call that they take
     "ok": lambda: gemv.linear_bf16(X, W, None),
@@ -357,19 +362,38 @@ DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok`
     "gelu more rows than FEW_ROWS": lambda: gemv.gelu_tanh(X.expand(gemv.FEW_ROWS + 1, 32).contiguous()),
     "gelu needing grad": lambda: gemv.gelu_tanh(X.clone().requires_grad_()),
     "gelu non-contiguous": lambda: gemv.gelu_tanh(X.expand(2, 32).t()),
-    "parallel_blocks ok": lambda: _blocks(),
-    "parallel_blocks int8 ok": lambda: _blocks(int8_mlp_proj=True),
-    "parallel_blocks two rows ok": lambda: _blocks(rows=2),
-    "parallel_blocks cache row 1 ok": lambda: _blocks(row=1),
-    "parallel_blocks a layer the kernels cannot take": lambda: _blocks(declined_layer=True),
-    "parallel_blocks int8 two rows": lambda: _blocks(rows=2, int8_mlp_proj=True),
-    "parallel_blocks heads of another size": lambda: _blocks(n_head=4),
-    "parallel_blocks a float32 norm": lambda: _blocks(norm=(torch.ones(32), torch.zeros(32))),
-    "parallel_blocks a row past the cache's rows": lambda: _blocks(row=2),
-    "layer_norm ok": lambda: gemv.layer_norm(X, *NORM, 1e-5),
+    "silu_mul ok": lambda: gemv.silu_mul(X),
+    "silu_mul an odd width": lambda: gemv.silu_mul(X[:, :31]),
+    "silu_mul float32": lambda: gemv.silu_mul(X.float()),
+    "silu_mul more rows than FEW_ROWS": lambda: gemv.silu_mul(X.expand(gemv.FEW_ROWS + 1, 32).contiguous()),
+    "decode_blocks ok": lambda: _blocks(),
+    "decode_blocks int8 ok": lambda: _blocks(int8_mlp_proj=True),
+    "decode_blocks two rows ok": lambda: _blocks(rows=2),
+    "decode_blocks cache row 1 ok": lambda: _blocks(row=1),
+    "decode_blocks a layer the kernels cannot take": lambda: _blocks(declined_layer=True),
+    "decode_blocks int8 two rows": lambda: _blocks(rows=2, int8_mlp_proj=True),
+    "decode_blocks heads of another size": lambda: _blocks(n_head=4),
+    "decode_blocks a float32 norm": lambda: _blocks(norm=(torch.ones(32), torch.zeros(32), None)),
+    "decode_blocks a row past the cache's rows": lambda: _blocks(row=2),
+    "decode_blocks sequential ok": lambda: _blocks(norm=RMS_NORMS, fc=GATE_UP),
+    "decode_blocks sequential int8 ok": lambda: _blocks(norm=RMS_NORMS, fc=GATE_UP, int8_mlp_proj=True),
+    "decode_blocks sequential two rows ok": lambda: _blocks(norm=RMS_NORMS, fc=GATE_UP, rows=2),
+    "decode_blocks sequential with a parallel block's fc": lambda: _blocks(norm=RMS_NORMS),
+    "decode_blocks parallel with a sequential block's fc": lambda: _blocks(fc=GATE_UP),
+    "decode_blocks sequential with a norm bias": lambda: _blocks(norm=(RMS_NORMS[0], NORM[1], RMS_NORMS[2]),
+                                                                 fc=GATE_UP),
+    "decode_blocks sequential a float32 second norm": lambda: _blocks(norm=(RMS_NORMS[0], None, torch.ones(32)),
+                                                                      fc=GATE_UP),
+    "decode_blocks blocks of both kinds": lambda: _blocks(norm=RMS_NORMS, fc=GATE_UP, kinds="mixed"),
+    "layer_norm ok": lambda: gemv.layer_norm(X, *NORM[:2], 1e-5),
     "layer_norm without a bias": lambda: gemv.layer_norm(X, NORM[0], None, 1e-5),
-    "layer_norm float32": lambda: gemv.layer_norm(X.float(), *NORM, 1e-5),
+    "layer_norm float32": lambda: gemv.layer_norm(X.float(), *NORM[:2], 1e-5),
     "layer_norm weight of another size": lambda: gemv.layer_norm(X, _bf16(16), _bf16(16), 1e-5),
+    "rms_norm ok": lambda: gemv.rms_norm(X, RMS_NORMS[0], 1e-5),
+    "rms_norm float32 weight": lambda: gemv.rms_norm(X, torch.ones(32), 1e-5),
+    "rms_norm weight of another size": lambda: gemv.rms_norm(X, _bf16(16), 1e-5),
+    "rms_norm more rows than FEW_ROWS": lambda: gemv.rms_norm(X.expand(gemv.FEW_ROWS + 1, 32).contiguous(),
+                                                              RMS_NORMS[0], 1e-5),
     "attend_decode qkv of another width": lambda: gemv.attend_decode(QKV[..., :80], COS, COS, K.clone(), K.clone(),
                                                                      POS, 2, 8, 0.25),
 }
@@ -411,12 +435,19 @@ def test_the_first_call_loads_the_kernels(tmp_path):
 
 @needs_kernels
 @pytest.mark.parametrize(("kind", "op"), [("bf16", "linear_bf16"), ("int8", "linear_int8"), ("int4", "linear_int4"),
-                                          ("layer norm", "layer_norm")])
+                                          ("layer norm", "layer_norm"), ("rms norm", "rms_norm"),
+                                          ("swiglu", "silu_mul")])
 def test_under_torch_compile_the_same_calls_are_custom_ops(kind, op):
-    from lit_gpt.model import LayerNorm
+    from lit_gpt.config import Config
+    from lit_gpt.model import MLP, LayerNorm, RMSNorm
 
     if kind == "layer norm":
         layer = LayerNorm(256).to(torch.bfloat16).requires_grad_(False)
+    elif kind == "rms norm":
+        layer = RMSNorm(256, 1e-5).to(torch.bfloat16).requires_grad_(False)
+    elif kind == "swiglu":
+        config = Config.from_name("Phi-3-mini-4k-instruct", n_embd=256, intermediate_size=128, n_head=4)
+        layer = MLP(config).to(torch.bfloat16).requires_grad_(False)
     else:
         layer = _bf16_linear(256, 64) if kind == "bf16" else _quantized(kind, 256, 64)
     x = _row(256)
@@ -540,7 +571,7 @@ def test_bf16_model_decode_through_the_kernels_matches_its_full_forward(monkeypa
     from lit_gpt.config import Config
     from lit_gpt.model import GPT
 
-    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "parallel_blocks"), Spy(monkeypatch, "gelu_tanh")]
+    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "decode_blocks"), Spy(monkeypatch, "gelu_tanh")]
     config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, intermediate_size=1024, block_size=64,
                               vocab_size=512, padded_vocab_size=512, rotary_percentage=0.5)
     torch.manual_seed(0)
@@ -582,7 +613,7 @@ def test_fused_decode_attention_equals_the_pytorch_ops_bit_for_bit(monkeypatch, 
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return logits, caches
 
-    monkeypatch.setattr(gemv, "parallel_blocks", lambda *args: None)  # the blocks' calls one by one
+    monkeypatch.setattr(gemv, "decode_blocks", lambda *args: None)  # the blocks' calls one by one
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
     assert fused.calls == 7 * 2
@@ -620,7 +651,7 @@ def test_fused_decode_takes_each_sequence_at_its_own_position(monkeypatch, name,
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return torch.cat(logits, dim=1).float(), caches
 
-    monkeypatch.setattr(gemv, "parallel_blocks", lambda *args: None)  # the blocks' calls one by one
+    monkeypatch.setattr(gemv, "decode_blocks", lambda *args: None)  # the blocks' calls one by one
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = decode()
     assert fused.calls == 2 * 2
@@ -663,11 +694,11 @@ def test_the_blocks_in_one_call_equal_their_calls_one_by_one_bit_for_bit(monkeyp
         caches = [t.clone() for block in model.transformer.h for t in (block.attn.kv_cache.k, block.attn.kv_cache.v)]
         return one, batch, caches
 
-    fused = Spy(monkeypatch, "parallel_blocks")
+    fused = Spy(monkeypatch, "decode_blocks")
     one, batch, caches = decode()
     # 7 one-row steps, the one-token prompt of row 1, and (but for int8) the 2 batched steps
     assert fused.calls == 7 + 1 + (0 if mode == "int8" else 2)
-    monkeypatch.setattr(gemv, "parallel_blocks", lambda *args: None)
+    monkeypatch.setattr(gemv, "decode_blocks", lambda *args: None)
     one_ref, batch_ref, caches_ref = decode()
     assert torch.equal(one, one_ref) and torch.equal(batch, batch_ref)
     assert all(torch.equal(a, b) for a, b in zip(caches, caches_ref))
@@ -761,6 +792,41 @@ def test_layer_norm_kernel_is_within_one_bf16_step_of_pytorchs(width):
     assert ((y - ref).abs() <= ref.abs().amax(dim=-1, keepdim=True) / 128).all()
     exact = F.layer_norm(x.double(), (width,), weight.double(), bias.double(), 1e-5)
     assert (y.double() - exact).abs().max() <= (ref.double() - exact).abs().max() * 1.01 + 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("width", [7, 100, 3072, 5120])
+def test_rms_norm_kernel_is_within_one_bf16_step_of_pytorchs(width):
+    """gemv.rms_norm against RMSNorm's PyTorch ops (its mean of squares in double, PyTorch's in fp32): equal but for a
+    few values in a thousand, those within one bf16 step of the row's largest value."""
+    torch.manual_seed(width)
+    x = torch.randn(gemv.FEW_ROWS, 1, width) * torch.linspace(0.01, 30, gemv.FEW_ROWS).view(-1, 1, 1) + 0.5
+    x, weight = x.to(torch.bfloat16), _bf16(width) * 2
+    y = gemv.rms_norm(x, weight, 1e-5).float()
+    x32 = x.float()  # RMSNorm.forward's PyTorch ops
+    ref = (weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)).float()
+    assert (y == ref).float().mean().item() >= 0.99
+    assert ((y - ref).abs() <= ref.abs().amax(dim=-1, keepdim=True) / 128).all()
+
+
+@needs_kernels
+def test_silu_mul_kernel_is_within_one_bf16_step_of_pytorchs():
+    """gemv.silu_mul against F.silu(gate) * up in bf16 over every bf16 gate in [-100, 100] (another exponential than
+    PyTorch's): equal on nearly all, the others one bf16 step apart; infinities and NaN as PyTorch's."""
+    gate = _every_bf16(-100, 100)
+    torch.manual_seed(0)
+    up = torch.randn(gate.shape).to(torch.bfloat16)
+    y = gemv.silu_mul(torch.cat((gate, up), dim=-1)).float()
+    ref = (F.silu(gate) * up).float()
+    assert (y == ref).float().mean().item() >= 0.99
+    assert ((y - ref).abs() <= ref.abs() / 128 + 1e-30).all()
+    special = torch.tensor([[float("inf"), float("-inf"), float("nan"), -0.0, -1e30, 3e38]], dtype=torch.bfloat16)
+    both = torch.cat((special, torch.ones_like(special)), dim=-1)
+    pytorchs = F.silu(special) * torch.ones_like(special)
+    assert torch.equal(gemv.silu_mul(both).isnan(), pytorchs.isnan())
+    assert torch.equal(gemv.silu_mul(both).nan_to_num(), pytorchs.nan_to_num())
+    rows = torch.randn(gemv.FEW_ROWS, 1, 2 * 33).to(torch.bfloat16)  # a few rows, of an odd half width
+    assert torch.equal(gemv.silu_mul(rows), torch.stack([gemv.silu_mul(r) for r in rows]))
 
 
 @needs_kernels

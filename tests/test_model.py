@@ -121,7 +121,7 @@ def test_a_one_token_step_turns_onednn_off_only_around_pytorchs_matmuls(monkeypa
     gemv.onednn_disabled); the rest of that forward (norms, ...) and a prefill with it on: a process-wide switch
     is flipped no wider than it needs to be."""
     model = _tiny_gpt(torch.bfloat16)
-    for op in ("linear_bf16", "attend_one", "attend_decode", "layer_norm", "parallel_blocks"):
+    for op in ("linear_bf16", "attend_one", "attend_decode", "layer_norm", "decode_blocks"):
         monkeypatch.setattr(gemv, op, lambda *args: None)  # as where gemv.c cannot be built
     seen = {"linear": [], "attention": [], "norm": []}
 

@@ -358,6 +358,7 @@ def test_fused_decode_on_the_new_block_equals_the_pytorch_ops_bit_for_bit(monkey
     config = _small(name, sliding_window=11)
     model = _bf16_model(config)
     idx = torch.randint(0, 512, (2, 30))
+    monkeypatch.setattr(gemv, "decode_blocks", lambda *args: None)  # the blocks' calls one by one
     fused = Spy(monkeypatch, "attend_decode")
     logits, caches = _decode(model, idx)
     assert fused.calls == 25 * 2  # every decode step took the kernel
@@ -375,13 +376,42 @@ def test_bf16_decode_matches_the_full_forwards(name, monkeypatch):
     config = _small(name, sliding_window=11)
     model = _bf16_model(config)
     idx = torch.randint(0, 512, (1, 30))
-    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "attend_decode")]
+    spies = [Spy(monkeypatch, "linear_bf16"), Spy(monkeypatch, "decode_blocks")]
     logits, _ = _decode(model, idx)
-    if BUILDABLE:  # every product of the 5-token prefill and of the steps, and every step's attention, took the kernels
-        assert spies[0].calls == (1 + 25) * (4 * 2 + 1) and spies[1].calls == 25 * 2
+    if BUILDABLE:  # every product of the 5-token prefill took the kernels, every step the blocks' (and the LM head's)
+        assert spies[0].calls == 4 * 2 + 1 + 25 and spies[1].calls == 25
     with torch.inference_mode():
         full = torch.stack([model(idx[:, :end])[:, -1] for end in range(5, 31)], dim=1).float()
     assert (logits.float() - full).abs().max().item() <= 0.03 * full.abs().max().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("name", ["Phi-4-mini-instruct", "Phi-3-mini-4k-instruct"])
+def test_the_new_blocks_in_one_call_equal_their_calls_one_by_one_bit_for_bit(monkeypatch, name, mode):
+    """gemv.decode_blocks on the later family's sequential blocks (RMS norms, grouped-query attention with partial
+    rotary, a sliding window, longrope across its switch, SwiGLU) computes what the blocks' calls one by one compute
+    (rms_norm, the products, attend_decode, silu_mul, the residual sums): the same logits and caches, to the bit; for
+    one sequence and for two (int8's kernel takes one row: there it declines and the calls run one by one)."""
+    from lit_gpt.quantize import quantize_model
+
+    model = _bf16_model(_small(name, sliding_window=11))
+    if mode != "bf16":
+        quantize_model(model, mode)
+    idx = torch.randint(0, 512, (2, 30))
+
+    def decode():
+        one, caches = _decode(model, idx[:1])
+        two, caches_two = _decode(model, idx)
+        return one, two, caches + caches_two
+
+    fused = Spy(monkeypatch, "decode_blocks")
+    one, two, caches = decode()
+    assert fused.calls == 25 + (0 if mode == "int8" else 25)
+    monkeypatch.setattr(gemv, "decode_blocks", lambda *args: None)
+    one_ref, two_ref, caches_ref = decode()
+    assert torch.equal(one, one_ref) and torch.equal(two, two_ref)
+    assert all(torch.equal(a, b) for a, b in zip(caches, caches_ref))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -395,7 +425,7 @@ def test_quantized_new_block_through_load_and_saved(tmp_path, mode, monkeypatch)
     write_random_hf_checkpoint(tmp_path, config=config, shards=1)
     convert_hf_checkpoint(tmp_path, dtype="bfloat16", show_progress=False)
     bf16 = load_model(tmp_path)
-    spy = Spy(monkeypatch, f"linear_{mode}")
+    spies = [Spy(monkeypatch, f"linear_{mode}"), Spy(monkeypatch, "decode_blocks")]
     quantized = load_model(tmp_path, quantize=mode, use_saved=False)
     assert type(quantized.lm_head).__name__ == ("Int8Linear" if mode == "int8" else "Int4Linear")
     assert quantized.transformer.wte.weight.dtype == torch.bfloat16
@@ -405,8 +435,9 @@ def test_quantized_new_block_through_load_and_saved(tmp_path, mode, monkeypatch)
     # (symmetric int4, as q4_0, errs ~10% more than a scale and a zero per group on these random weights)
     similarity = F.cosine_similarity(ours.float().flatten(), reference.float().flatten(), dim=0)
     assert similarity > (0.99 if mode == "int8" else 0.97), similarity
-    if BUILDABLE:
-        assert spy.calls >= 25 * (4 * 2 + 1)
+    if BUILDABLE:  # each step (the quantized model's, and bf16's) through the blocks' kernel and the LM head's product;
+        # int4's products also take the 5-token prefill
+        assert spies[0].calls == 25 + (4 * 2 + 1 if mode == "int4" else 0) and spies[1].calls == 2 * 25
     save_quantized(quantized, tmp_path, show_progress=False)
     again, _ = _decode(load_model(tmp_path, quantize=mode), idx)
     assert torch.equal(again, ours)
