@@ -7,10 +7,9 @@ back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
 
 One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one`, `attend_decode`, `gelu_tanh`,
 `silu_mul`, `layer_norm`, `rms_norm` and `decode_blocks` (a decode step through all of a model's blocks) return the
-result, or None where
-the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or shapes, autograd, not on
-the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch, inside
-`pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
+result, or None where the kernels cannot take these inputs (more rows than the kernel takes, other dtypes or
+shapes, autograd, not on the CPU, not contiguous, or no kernels at all); the caller then computes it with PyTorch,
+inside `pytorch_fallback`. The first call compiles the library with the system C compiler (~1 s) into
 ~/.cache/lit_gpt and loads it with ctypes. Where that is not possible (no compiler, a CPU without those
 instructions, another OS) or LIT_GPT_GEMV=0 is set, every call returns None and `available()` is False.
 Under torch.compile the same calls trace to custom ops; the library must be loaded before tracing (call
@@ -548,8 +547,8 @@ def decode_blocks(layers: Sequence[Optional[DecodeLayer]], x: Tensor, cos: Tenso
                   row: Optional[int] = None) -> Optional[Tensor]:
     """A decode step through the blocks in one call (eager only), as the model computes it with layer_norm / rms_norm,
     linear_*, attend_decode and gelu_tanh / silu_mul, equal to that bit for bit. Parallel blocks: h = layer_norm(x),
-    then x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))); sequential ones: x1 = x + proj(attention(qkv(
-    rms_norm(x)))), then x1 + mlp_proj(silu(gate) * up) with [gate | up] = fc(rms_norm_2(x1)).
+    then x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))). Sequential ones: h = rms_norm(x), x1 = x +
+    proj(attention(qkv(h))), then x1 + mlp_proj(silu(gate) * up) with [gate | up] = fc(rms_norm_2(x1)).
 
     layers: every block's (None: one the kernels cannot take), all of one kind; x: (B, 1, n_embd) bf16, the embedded
     tokens; the step's sequences are the caches' first B rows, or row `row` (B = 1); eps: the norms'; the
