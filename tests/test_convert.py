@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_checkpoints import edit_config_json, hf_config_json, make_hf_checkpoint, tiny_hf_config, tiny_phi3_config
+from memory_maps import mapping_of
 from lit_gpt.convert import convert_hf_checkpoint
 from lit_gpt.load import load_model
 from lit_gpt.config import Config
@@ -606,22 +607,6 @@ def test_quantized_load_memory_follows_the_result(tmp_path, mode, block):
     assert grown < quantized_bytes + float_bytes / 2
 
 
-def _mapping_of(address: int) -> dict:
-    """The /proc/self/smaps entry of the mapping that holds `address`: its range and fields."""
-    entry = None
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and ":" not in head:
-            begin, end = (int(a, 16) for a in head.split("-"))
-            entry = {"range": (begin, end)} if begin <= address < end else None
-        elif entry is not None:
-            entry[head.rstrip(":")] = line.split()[1]
-            if head == "VmFlags:":
-                entry["VmFlags"] = line.split()[1:]
-                return entry
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
 def _thp_enabled() -> bool:
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     return mode.is_file() and "[never]" not in mode.read_text()
@@ -641,12 +626,12 @@ def test_load_moves_the_weights_onto_huge_pages(tmp_path, monkeypatch, quantize)
     moved = load_model(tmp_path, quantize=quantize)
     tensors = [*moved.parameters(), *moved.buffers()]
     assert sum(t.nbytes for t in tensors) > 4 << 20
-    mapping = _mapping_of(moved.transformer.wte.weight.data_ptr())
+    mapping = mapping_of(moved.transformer.wte.weight.data_ptr())
     if _thp_enabled():
         begin, end = mapping["range"]
         assert all(begin <= t.data_ptr() and t.data_ptr() + t.nbytes <= end for t in tensors)
         assert "hg" in mapping["VmFlags"] and mapping["THPeligible"] == "1"  # advised, and eligible
-        assert mapping["Rss"] != "0" and "hg" not in _mapping_of(mapped.transformer.wte.weight.data_ptr())["VmFlags"]
+        assert mapping["Rss"] != "0" and "hg" not in mapping_of(mapped.transformer.wte.weight.data_ptr())["VmFlags"]
     else:
         assert "hg" not in mapping["VmFlags"]
     if quantize is None:
@@ -655,7 +640,7 @@ def test_load_moves_the_weights_onto_huge_pages(tmp_path, monkeypatch, quantize)
         assert torch.equal(moved(idx), mapped(idx))
     monkeypatch.setenv("LIT_GPT_HUGE_PAGES", "0")
     kept = load_model(tmp_path, quantize=quantize)
-    assert "hg" not in _mapping_of(kept.transformer.wte.weight.data_ptr())["VmFlags"]
+    assert "hg" not in mapping_of(kept.transformer.wte.weight.data_ptr())["VmFlags"]
 
 
 @pytest.mark.slow

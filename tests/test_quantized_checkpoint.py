@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hf_checkpoints import lively_checkpoint
+from memory_maps import mapping_of
 from lit_gpt.cli import error_line
 from lit_gpt.load import load_model
 from lit_gpt.quantized_checkpoint import save_quantized, saved_quantized_path
@@ -36,18 +37,6 @@ def ckpt(converted, tmp_path) -> Path:
     d = tmp_path / "phi-2"
     shutil.copytree(converted, d, copy_function=shutil.copy2)  # copy2 keeps mtimes, as a real checkout would
     return d
-
-
-def _mapped_from(tensor: torch.Tensor) -> str:
-    """The file whose memory mapping holds the tensor's data ('[heap]' or '' for anonymous memory), from
-    /proc/self/maps."""
-    address = tensor.data_ptr()
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        begin, end = (int(v, 16) for v in fields[0].split("-"))
-        if begin <= address < end:
-            return fields[5] if len(fields) == 6 else ""
-    return ""
 
 
 def _quantized_weights(model) -> list:
@@ -79,8 +68,8 @@ def test_a_saved_checkpoint_loads_memory_mapped_and_equal_to_quantizing_at_load(
     fresh = load_model(ckpt, dtype=torch.bfloat16, quantize=mode, group_size=group_size, use_saved=False)
     saved = load_model(ckpt, dtype=torch.bfloat16, quantize=mode, group_size=group_size, huge_pages=False)
     # the saved file was used: its tensors are the model's, memory-mapped, with no repacking
-    assert {_mapped_from(w) for w in _quantized_weights(saved)} == {str(out)}
-    assert str(out) not in {_mapped_from(w) for w in _quantized_weights(fresh)}
+    assert {mapping_of(w.data_ptr())["path"] for w in _quantized_weights(saved)} == {str(out)}
+    assert str(out) not in {mapping_of(w.data_ptr())["path"] for w in _quantized_weights(fresh)}
     copied = load_model(ckpt, dtype=torch.bfloat16, quantize=mode, group_size=group_size)  # onto huge pages
     a, b, c = fresh.state_dict(), saved.state_dict(), copied.state_dict()
     assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
@@ -96,7 +85,7 @@ def test_a_changed_lit_model_is_quantized_at_load_with_a_note(ckpt, capfd):
     os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # converted again, say
     model = load_model(ckpt, dtype=torch.bfloat16, quantize="int8")
     assert "was made from an older lit_model.pth" in capfd.readouterr().err
-    assert str(out) not in {_mapped_from(w) for w in _quantized_weights(model)}
+    assert str(out) not in {mapping_of(w.data_ptr())["path"] for w in _quantized_weights(model)}
 
 
 def test_another_dtype_or_int4_layout_is_quantized_at_load_with_a_note(ckpt, capfd):
