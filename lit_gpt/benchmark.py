@@ -365,15 +365,21 @@ def print_table(rows: list[dict], checkpoint_dir: Path, max_new_tokens: int, rou
         if "error" in r:
             print(f"| {r['name']} | error: {r['error']} |")
             continue
-        ratio = f"{r['decode_tps'] / ref['decode_tps']:.2f}x" if ref else "-"
+        ratio = _times(r["decode_tps"] / ref["decode_tps"]) if ref else "-"
         ours_or_llama = r["name"].startswith(("ours", "llama.cpp"))
-        vs_bf16 = f"{r['decode_tps'] / bf16['decode_tps']:.2f}x" if bf16 and ours_or_llama else "-"
+        vs_bf16 = _times(r["decode_tps"] / bf16["decode_tps"]) if bf16 and ours_or_llama else "-"
         peak, start = (r["peak_cuda"], 0) if r.get("device") == "cuda" else (r["peak_rss"], r["start_rss"])
         rise = (peak - start) / r["model_bytes"] - 1
-        vs_llama = f"{r['vs_llama_cpp']:.2f}x" if r.get("vs_llama_cpp") else "-"
+        vs_llama = _times(r["vs_llama_cpp"]) if r.get("vs_llama_cpp") else "-"
         print(f"| {r['name']} | {r['load_s']:.3g} | {r['ttft']:.3g} | {r['prefill_tps']:.3g} | {r['decode_tps']:.3g} "
               f"| {vs_bf16} | {r['step_gb']:.3g} | {r['gbps']:.3g} | {r['read_bw']:.3g} | {100 * r['bw_share']:.3g}% "
               f"| {peak / 1e9:.2f} | {r['model_bytes'] / 1e9:.3g} | {100 * rise:+.1f}% | {ratio} | {vs_llama} |")
+
+
+def _times(ratio: float) -> str:
+    """A ratio as 1.23x; under 0.01 with two significant digits (0.0039x), not as 0.00x: a run starved of CPU by
+    other processes can decode hundreds of times slower (llama.cpp's threads spin while they wait)."""
+    return f"{ratio:.2f}x" if ratio >= 0.01 else f"{ratio:.2g}x"
 
 
 if __name__ == "__main__":  # a child run: python -m lit_gpt.benchmark '{"kind": "ours", ...}'

@@ -267,20 +267,13 @@ def _run_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return y
 
 
-def _run_decode_blocks(layers: Sequence["DecodeLayer"], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                       first: int, n_head: int, rope_n_elem: int, scale: float, eps: float, window: int) -> Tensor:
-    _, n_groups, S, head_size = layers[0].k.shape
+def _run_decode_blocks(plan: "BlocksPlan", x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, first: int,
+                       rope_n_elem: int, scale: float, eps: float, window: int) -> Tensor:
+    _, n_groups, S, head_size = plan.k.shape
     out = _empty_like(x)
     positions, cos, sin = _rotary_inputs(input_pos, cos, sin, rope_n_elem)
-    fields = []
-    for layer in layers:  # gemv.c's decode_layer
-        fields += (layer.norm_weight.data_ptr(), _ptr(layer.norm_bias) or 0, _ptr(layer.norm_2_weight) or 0)
-        for matrix in layer.matrices:
-            fields += matrix[:8]
-        fields += (layer.k.data_ptr(), layer.v.data_ptr())
-    sequential = layers[0].norm_2_weight is not None
-    status = _lib.decode_blocks((ctypes.c_int64 * len(fields))(*fields), len(layers), sequential, eps, x.data_ptr(),
-                                out.data_ptr(), cos.data_ptr(), sin.data_ptr(), first, x.shape[0], n_head, n_groups, S,
+    status = _lib.decode_blocks(plan.fields, plan.n_layer, plan.sequential, eps, x.data_ptr(), out.data_ptr(),
+                                cos.data_ptr(), sin.data_ptr(), first, x.shape[0], plan.n_head, n_groups, S,
                                 positions.data_ptr(), positions.numel() > 1, window, head_size, rope_n_elem, scale)
     _check_attention(status, positions, S)
     return out
@@ -542,46 +535,76 @@ class DecodeLayer(NamedTuple):
     v: Tensor
 
 
-def decode_blocks(layers: Sequence[Optional[DecodeLayer]], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor,
-                  n_head: int, rope_n_elem: int, scale: float, eps: float, window: int = 0,
-                  row: Optional[int] = None) -> Optional[Tensor]:
+class BlocksPlan(NamedTuple):
+    """The blocks of a decode step as decode_blocks runs them, checked once (plan_blocks): gemv.c's decode_layer of
+    each, in one C array of addresses and sizes. Valid while the tensors behind them live and stay where they are
+    (the model keeps one while its blocks hold the same modules and tensors, see GPT._blocks_plan)."""
+
+    fields: ctypes.Array
+    n_layer: int
+    sequential: bool
+    n_embd: int
+    n_head: int
+    max_rows: int  # the most rows (sequences) a step may have: the products' least
+    k: Tensor  # the first block's cache (every block's has its shape)
+    v: Tensor
+
+
+def plan_blocks(layers: Sequence[Optional[DecodeLayer]], n_head: int) -> Optional[BlocksPlan]:
+    """The blocks (every block's DecodeLayer, all of one kind; None: one the kernels cannot take) as decode_blocks
+    runs them, or None where the kernels cannot take them."""
+    if not layers or None in layers or len(layers[0].matrices) != 4 or None in layers[0].matrices:
+        return None
+    k, v, C = layers[0].k, layers[0].v, layers[0].matrices[0].in_features
+    if k.dim() != 4 or k.shape != v.shape:
+        return None
+    width, sequential = (n_head + 2 * k.shape[1]) * k.shape[3], layers[0].norm_2_weight is not None
+    for layer in layers:
+        if not _decode_layer(layer, sequential, C, width, n_head * k.shape[3], k):
+            return None
+    fields = []
+    for layer in layers:  # gemv.c's decode_layer
+        fields += (layer.norm_weight.data_ptr(), _ptr(layer.norm_bias) or 0, _ptr(layer.norm_2_weight) or 0)
+        for matrix in layer.matrices:
+            fields += matrix[:8]
+        fields += (layer.k.data_ptr(), layer.v.data_ptr())
+    max_rows = min(m.max_rows for layer in layers for m in layer.matrices)
+    return BlocksPlan((ctypes.c_int64 * len(fields))(*fields), len(layers), sequential, C, n_head, max_rows, k, v)
+
+
+def decode_blocks(plan: Optional[BlocksPlan], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, rope_n_elem: int,
+                  scale: float, eps: float, window: int = 0, row: Optional[int] = None) -> Optional[Tensor]:
     """A decode step through the blocks in one call (eager only), as the model computes it with layer_norm / rms_norm,
     linear_*, attend_decode and gelu_tanh / silu_mul, equal to that bit for bit. Parallel blocks: h = layer_norm(x),
     then x + proj(attention(qkv(h))) + mlp_proj(GELU(fc(h))). Sequential ones: h = rms_norm(x), x1 = x +
     proj(attention(qkv(h))), then x1 + mlp_proj(silu(gate) * up) with [gate | up] = fc(rms_norm_2(x1)).
 
-    layers: every block's (None: one the kernels cannot take), all of one kind; x: (B, 1, n_embd) bf16, the embedded
+    plan: the blocks (plan_blocks; None: blocks the kernels cannot take); x: (B, 1, n_embd) bf16, the embedded
     tokens; the step's sequences are the caches' first B rows, or row `row` (B = 1); eps: the norms'; the
     attention's other arguments as attend_decode's. Returns the last block's output. None, with the caches
     untouched, where the kernels cannot take the step."""
-    if not layers or None in layers or x.dim() != 3 or x.shape[1] != 1 or x.dtype != _BF16:
+    if plan is None or x.dim() != 3 or x.shape[1] != 1 or x.dtype != _BF16:
         return None
     B, _, C = x.shape
-    first, k, v = row or 0, layers[0].k, layers[0].v
-    if (k.dim() != 4 or first < 0 or first + B > k.shape[0]
-            or not _decode_attention(cos, sin, k[first:first + B], v[first:first + B], input_pos, n_head, rope_n_elem,
-                                     window)):
+    first, k, v = row or 0, plan.k, plan.v
+    if (C != plan.n_embd or B > plan.max_rows or first < 0 or first + B > k.shape[0]
+            or not _decode_attention(cos, sin, k[first:first + B], v[first:first + B], input_pos, plan.n_head,
+                                     rope_n_elem, window)):
         return None
-    width, sequential = (n_head + 2 * k.shape[1]) * k.shape[3], layers[0].norm_2_weight is not None
-    for layer in layers:
-        if not _decode_layer(layer, sequential, B, C, width, n_head * k.shape[3], k):
-            return None
     if _usable(x):
-        return _DECODE_BLOCKS(layers, x, cos, sin, input_pos, first, n_head, rope_n_elem, scale, eps, window)
+        return _DECODE_BLOCKS(plan, x, cos, sin, input_pos, first, rope_n_elem, scale, eps, window)
     return None
 
 
-def _decode_layer(layer: DecodeLayer, sequential: bool, B: int, C: int, qkv_width: int, heads_width: int,
-                  k: Tensor) -> bool:
-    """Whether decode_blocks takes this block, of the kind `sequential` says, for B rows of width C (its cache shaped
+def _decode_layer(layer: DecodeLayer, sequential: bool, C: int, qkv_width: int, heads_width: int, k: Tensor) -> bool:
+    """Whether decode_blocks takes this block, of the kind `sequential` says, for rows of width C (its cache shaped
     as the first block's k)."""
     if len(layer.matrices) != 4 or None in layer.matrices or (layer.norm_2_weight is not None) != sequential:
         return False
     qkv, proj, fc, mlp_proj = layer.matrices
     # a sequential block's norms: two RMS norms' weights; a parallel block's: a layer norm's weight and bias
     norms = (layer.norm_weight, layer.norm_2_weight) if sequential else (layer.norm_weight, layer.norm_bias)
-    return (B <= min(qkv.max_rows, proj.max_rows, fc.max_rows, mlp_proj.max_rows)
-            and qkv.in_features == fc.in_features == proj.n_out == mlp_proj.n_out == C and qkv.n_out == qkv_width
+    return (qkv.in_features == fc.in_features == proj.n_out == mlp_proj.n_out == C and qkv.n_out == qkv_width
             and proj.in_features == heads_width and fc.n_out == (2 if sequential else 1) * mlp_proj.in_features
             and (not sequential or layer.norm_bias is None)
             and all(n is not None and n.dtype == _BF16 and n.numel() == C for n in norms)

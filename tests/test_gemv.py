@@ -324,7 +324,7 @@ def _blocks(rows: int = 1, int8_mlp_proj: bool = False, n_head: int = 2, decline
     layers = [gemv.DecodeLayer(*n, matrices, K.expand(2, 2, 8, 16).clone(), K.expand(2, 2, 8, 16).clone())
               for n in norms]
     x = X.view(1, 1, 32).expand(rows, 1, 32).contiguous()
-    return gemv.decode_blocks(layers, x, COS, COS, POS, n_head, 8, 0.25, 1e-5, row=row)
+    return gemv.decode_blocks(gemv.plan_blocks(layers, n_head), x, COS, COS, POS, 8, 0.25, 1e-5, row=row)
 
 DECLINED = {  # calls the kernels cannot take, each one defect away from an `ok` call that they take
     "ok": lambda: gemv.linear_bf16(X, W, None),
@@ -703,6 +703,55 @@ def test_the_blocks_in_one_call_equal_their_calls_one_by_one_bit_for_bit(monkeyp
     assert torch.equal(one, one_ref) and torch.equal(batch, batch_ref)
     assert all(torch.equal(a, b) for a, b in zip(caches, caches_ref))
     assert not caches[0][len(lengths)].any()  # the idle row untouched
+
+
+@needs_kernels
+def test_the_blocks_plan_is_kept_across_steps_and_made_again_when_the_blocks_change(monkeypatch):
+    """The model keeps its blocks' plan (decode_blocks' arguments, gathered and checked once) from step to step, and
+    makes it again when a cache, a layer, a weight or a weight's data is replaced: each step equals the blocks'
+    calls one by one on the model as it is then, bit for bit (a stale plan would compute with what was replaced)."""
+    from torch import nn
+
+    from lit_gpt.config import Config
+    from lit_gpt.model import GPT
+
+    config = Config.from_name("phi-1_5", n_layer=2, n_embd=256, n_head=4, intermediate_size=512, block_size=64,
+                              vocab_size=512, padded_vocab_size=512)
+    torch.manual_seed(0)
+    model = GPT(config).to(torch.bfloat16).eval()
+    gathered = Spy(monkeypatch, "plan_blocks")
+    real_blocks = gemv.decode_blocks
+    position = iter(range(64))
+
+    def step_equals_the_calls_one_by_one():
+        token, pos = torch.randint(0, 512, (1, 1)), torch.tensor([next(position)])
+        fused = model(token, pos)
+        monkeypatch.setattr(gemv, "decode_blocks", lambda *args: None)
+        one_by_one = model(token, pos)  # the same position again: the cache gets the same keys and values
+        monkeypatch.setattr(gemv, "decode_blocks", real_blocks)
+        assert torch.equal(fused, one_by_one)
+
+    def replace_a_weight(m):
+        fc = m.transformer.h[1].mlp.fc
+        fc.weight = nn.Parameter(fc.weight * 2, requires_grad=False)
+
+    def move_a_weights_data(m):
+        m.transformer.h[0].attn.proj.weight.data = m.transformer.h[0].attn.proj.weight.data * 3
+
+    changes = [lambda m: m.set_kv_cache(1, 64), replace_a_weight, move_a_weights_data,
+               lambda m: quantize.quantize_model(m, "int4")]
+    with torch.inference_mode():
+        model.set_kv_cache(1, 64)
+        for _ in range(3):
+            step_equals_the_calls_one_by_one()
+        assert gathered.calls == 1  # one plan for the three steps
+        for n, change in enumerate(changes, start=2):
+            change(model)
+            if n == 2:  # a new cache: the positions start again
+                position = iter(range(64))
+            for _ in range(2):
+                step_equals_the_calls_one_by_one()
+            assert gathered.calls == n, n
 
 
 @needs_kernels
