@@ -195,6 +195,11 @@ class GPT(nn.Module):
             self._decode_plan = (key, held, gemv.plan_blocks(layers, self.config.n_head))
         return self._decode_plan[2]
 
+    def __getstate__(self) -> dict:
+        # the blocks' plan holds this process's addresses (and a ctypes array, which does not pickle): a pickle or a
+        # copy of the model makes its own
+        return {**self.__dict__, "_decode_plan": None}
+
     @torch.compiler.disable
     def _sync_rope(self, input_pos: torch.Tensor) -> None:
         """Longrope: which factors the KV cache's keys carry when a sequence grows past rope_original_max_seq_len.

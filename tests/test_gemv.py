@@ -1,6 +1,8 @@
 """Our AVX-512 decode kernels (lit_gpt/gemv.c): results against float32 references, the layers that use
 them, and the fallback to PyTorch's kernels where they cannot be built."""
 
+import copy
+import io
 import os
 import subprocess
 import sys
@@ -752,6 +754,13 @@ def test_the_blocks_plan_is_kept_across_steps_and_made_again_when_the_blocks_cha
             for _ in range(2):
                 step_equals_the_calls_one_by_one()
             assert gathered.calls == n, n
+        # a pickled or copied model makes its own plan (this one holds this model's addresses)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        copied = copy.deepcopy(model)
+        token, pos = torch.tensor([[7]]), torch.tensor([next(position)])
+        assert torch.equal(copied(token, pos), model(token, pos))
+        assert copied._decode_plan[2].fields[0] != model._decode_plan[2].fields[0]
 
 
 @needs_kernels
