@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from lit_gpt.choices import WeightMode, check_choice
-from lit_gpt.device import sync
+from lit_gpt.device import default_device, sync
 from lit_gpt.files import HF_CONFIG, LIT_CONFIG, LIT_MODEL
 from lit_gpt.utils import InvalidArgument, NeedsStep
 
@@ -40,11 +40,6 @@ def prompt_ids(encode: Callable[[str], list[int]], prompt_tokens: Optional[int] 
     while len(ids := encode(PROMPT + PROMPT_BODY * repeats)) < prompt_tokens:
         repeats *= 2
     return ids[:prompt_tokens]
-
-
-def run_device() -> torch.device:
-    """Where our runs and transformers' run: the GPU where there is one (as generate/base.py chooses), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def read_bandwidth(device: torch.device = torch.device("cpu"), gigabytes: float = 2.0, repeats: int = 7) -> float:
@@ -111,7 +106,7 @@ def bench_ours(checkpoint_dir: str, mode: WeightMode, max_new_tokens: int, compi
     from lit_gpt.generate import compile_decode, generate_tokens
     from lit_gpt.tokenizer import Tokenizer
 
-    device = run_device()
+    device = default_device()
     dtype = torch.float32 if mode == "fp32" else torch.bfloat16
     start_rss = rss()  # the interpreter, torch and our modules, before any weight
     t0 = time.perf_counter()
@@ -145,7 +140,7 @@ def bench_transformers(hf_dir: str, max_new_tokens: int, prompt_tokens: Optional
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
 
-    device = run_device()
+    device = default_device()
     start_rss = rss()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
@@ -194,7 +189,7 @@ def bench_llama_cpp(gguf_path: str, checkpoint_dir: str, max_new_tokens: int, we
     tokenizer = Tokenizer(checkpoint_dir)
     ids = prompt_ids(lambda text: tokenizer.encode(text).tolist(), prompt_tokens)
     threads = torch.get_num_threads()  # llama-cpp-python's default would be half the CPUs
-    device = run_device()  # beside ours: on the GPU where there is one (_llama_cpp_runs checks that it can)
+    device = default_device()  # beside ours: on the GPU where there is one (_llama_cpp_runs checks that it can)
     start_rss = rss()
     device_used = _device_memory_used(device)  # (its allocations are not torch's: the device's count is the measure)
     t0 = time.perf_counter()
@@ -292,7 +287,7 @@ def _llama_cpp_runs(checkpoint_dir: Path, common: dict) -> list[tuple[str, dict]
                                            "llama.cpp)")
     import llama_cpp
 
-    if run_device().type == "cuda" and not llama_cpp.llama_supports_gpu_offload():
+    if default_device().type == "cuda" and not llama_cpp.llama_supports_gpu_offload():
         raise InvalidArgument("llama_cpp", "this llama-cpp-python runs on the CPU only, ours on the GPU here: "
                                            "reinstall it built for CUDA (CMAKE_ARGS='-DGGML_CUDA=on' pip install "
                                            "--force-reinstall --no-cache-dir llama-cpp-python), or leave it out")
@@ -316,7 +311,7 @@ def _rounds(runs: list[tuple[str, dict]], rounds: int) -> dict[str, list[dict]]:
     """Every run `rounds` times, rotated. The bandwidth is measured around every run, and each run is set
     against the mean of the figures before and after it."""
     results: dict[str, list[dict]] = {name: [] for name, _ in runs}
-    device = run_device()
+    device = default_device()
     bandwidths = [read_bandwidth(device)]
     for r in range(rounds):
         for name, job in runs[r % len(runs):] + runs[: r % len(runs)]:

@@ -34,9 +34,14 @@ def default_precision(device: torch.device) -> Precision:
     return "bf16-true" if cpu_supports_bf16() else "32-true"
 
 
+def default_device() -> torch.device:
+    """Where the scripts run: CUDA if available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def choose_device(precision: Optional[Precision] = None) -> tuple[torch.device, str, torch.dtype]:
-    """CUDA if available, else CPU; the precision given or the device's default. Returns (device, precision, dtype)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """default_device(), and the precision given or the device's default. Returns (device, precision, dtype)."""
+    device = default_device()
     precision = precision or default_precision(device)
     check_choice("precision", precision, Precision)
     if device.type == "cpu" and precision == "bf16-true" and not cpu_supports_bf16():

@@ -176,7 +176,7 @@ class GPT(nn.Module):
         the embedded tokens x: the same result as the blocks' calls one by one, without the Python between them,
         which ran cold after each layer's weights had streamed through the caches. None, with the caches untouched,
         where the kernels do not take every block or the step."""
-        if x.size(1) != 1 or torch.compiler.is_compiling():
+        if x.size(1) != 1 or not x.is_cpu or torch.compiler.is_compiling():  # (elsewhere: no plan to look for)
             return None
         c = self.config
         return gemv.decode_blocks(self._blocks_plan(), x, cos, sin, input_pos, c.rope_n_elem,
