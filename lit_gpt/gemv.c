@@ -42,8 +42,12 @@ static inline __mmask16 first_lanes(int64_t left) {
     return _cvtu32_mask16(left >= 16 ? 0xFFFFu : left <= 0 ? 0u : (1u << left) - 1u);
 }
 
+static inline __m512 widen_bf16x16(__m256i h) {  // 16 bf16 values as fp32 (exact)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+    return widen_bf16x16(_mm256_maskz_loadu_epi16(m, p));
 }
 
 // Rows wider than this (with the activation row they are multiplied by) do not stay in a 32 KB L1 data
@@ -682,7 +686,7 @@ void gelu_tanh(const uint16_t *x, uint16_t *y, int64_t n) {
 // are subnormal floats flush to zero, as vcvtneps2bf16 rounds.
 
 static inline __m512 bf16x16_rounded(__m512 v) {  // v rounded to bf16 and back to fp32
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(f32x16_to_bf16(v)), 16));
+    return widen_bf16x16(f32x16_to_bf16(v));
 }
 
 // y (rows, n) = silu(gate) * up, from rows of [gate | up] (rows, 2n), the fused gate_up product
