@@ -301,6 +301,8 @@ def _llama_cpp_runs(checkpoint_dir: Path, common: dict) -> list[tuple[str, dict]
         sizes = gguf_tensor_bytes(config, gguf_type)
         embedding = sizes["token_embd.weight"]
         step_bytes = sum(sizes.values()) - embedding + embedding // config.padded_vocab_size  # one row of it
+        if "output.weight" not in sizes:  # a tied head: llama.cpp multiplies by the whole embedding too
+            step_bytes += embedding
         job = dict(kind="llama_cpp", gguf_path=str(path), checkpoint_dir=str(checkpoint_dir),
                    weight_bytes=sum(sizes.values()), step_bytes=step_bytes, **common)
         runs.append((f"llama.cpp {gguf_type}", job))

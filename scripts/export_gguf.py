@@ -12,8 +12,9 @@ from lit_gpt.gguf_export import GgufType, export_gguf
 
 
 def main(checkpoint_dir: Path, gguf_type: GgufType = "bf16", output: Optional[Path] = None) -> None:
-    """Write the checkpoint as one GGUF file that llama.cpp (and llama-cpp-python, ollama, LM Studio...) loads as
-    its phi2 architecture, with the tokenizer inside.
+    """Write the checkpoint as one GGUF file that llama.cpp (and llama-cpp-python, ollama, LM Studio...) loads, with
+    the tokenizer and chat template inside: Phi-1/1.5/2 as llama.cpp's phi2 architecture, Phi-3/3.5, Phi-4-mini and
+    phi-4 as its phi3.
 
     bf16 keeps the weights as they are; q8_0 and q4_0 are llama.cpp's blocks of 32 weights with one fp16 scale
     (8.5 and 4.5 bits a weight: phi-2 in 2.96 and 1.57 GB). Tensors are written one at a time, the file is renamed

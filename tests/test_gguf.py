@@ -124,7 +124,8 @@ def test_bad_inputs_are_one_line_and_leave_no_file(demo, tmp_path):
     spec = json.loads((ckpt / "tokenizer.json").read_text())
     spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
     (ckpt / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(UserError, match=r"tokenizer.json is not a byte-level BPE tokenizer with GPT-2's pre-tokenizer"):
+    with pytest.raises(UserError, match=r"tokenizer.json is neither a byte-level BPE with GPT-2's or tiktoken's split "
+                                        r"of words .* nor Llama's SentencePiece BPE"):
         export_gguf(ckpt, "q4_0", show_progress=False)
     spec["pre_tokenizer"] = json.loads((SHIPPED / "tokenizer.json").read_text())["pre_tokenizer"]
     spec["added_tokens"].append({"id": 8192, "content": "<|extra|>", "single_word": False, "lstrip": False,
