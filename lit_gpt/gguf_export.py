@@ -289,9 +289,13 @@ def _add_metadata(writer: GGUFWriter, config: Config, vocab: dict, gguf_type: Gg
                   chat_template: Optional[str]) -> None:
     """The keys llama.cpp's phi2 or phi3 reads: sizes, norm epsilon, rotary dims and base, phi3's sliding window
     and longrope; and the tokenizer, with the chat template."""
-    if vocab["model"] == "llama" and not re.search("phi-?3", name.lower()):
-        # llama.cpp gives Phi-3's added tokens their rstrip (tokenizer.json's flag) by the model's name alone
+    # llama.cpp gives Phi-3's added tokens their rstrip (tokenizer.json's flag) by the model's name alone, and then
+    # looks up <s>, </s> and <unk>, failing to load a vocabulary without them: the name says Phi-3 exactly when the
+    # vocabulary is Phi-3's SentencePiece
+    if vocab["model"] == "llama" and not re.search("phi-?3", name, re.IGNORECASE):
         name = f"Phi-3 {name}"
+    elif vocab["model"] != "llama":
+        name = re.sub("(phi)-?(3)", r"\1 \2", name, flags=re.IGNORECASE)  # phi-3-mini -> phi 3-mini
     writer.add_name(name)
     writer.add_file_type({"bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
                           "q4_0": LlamaFileType.MOSTLY_Q4_0}[gguf_type])
