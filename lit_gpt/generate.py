@@ -435,10 +435,12 @@ def compile_decode(model: GPT) -> Callable:
     """The model's forward compiled for the one-token decode steps (static shapes).
 
     GPU: CUDA graphs ("reduce-overhead"), which remove the per-kernel launch cost of a step.
-    CPU with our kernels (lit_gpt/gemv.py): inductor's default mode; the matrix-vector products and
-    the attention stay our kernels (custom ops) and inductor fuses the small ops between them, rounding
-    to bf16 where eager PyTorch does (emulate_precision_casts): the logits are eager's, bit for bit, so
-    greedy decoding gives the same tokens even where two logits tie.
+    CPU with our kernels (lit_gpt/gemv.py): inductor's default mode. Where the blocks take the one-call
+    step (GPT.fused_decode), that call runs as in eager mode, a graph break between the compiled
+    embedding and head; elsewhere the matrix-vector products and the attention stay our kernels (custom
+    ops) and inductor fuses the small ops between them, rounding to bf16 where eager PyTorch does
+    (emulate_precision_casts). Either way the logits are eager's, bit for bit, so greedy decoding gives
+    the same tokens even where two logits tie.
     CPU without them: "max-autotune" with inductor's freezing, which lets inductor pack the weights
     for its own C++ GEMM kernels: faster than PyTorch's eager kernels (phi-2 bf16 on this project's
     2-core AMD EPYC: 1.9 -> 5.4 tokens/s), at the cost of minutes of compilation and a packed copy
@@ -449,7 +451,8 @@ def compile_decode(model: GPT) -> Callable:
     import torch._inductor.config as inductor_config
 
     if gemv.available():  # loads the kernels now: torch.compile does not trace their loading
-        compiled, options = torch.compile(model, fullgraph=True, dynamic=False), {"emulate_precision_casts": True}
+        # not fullgraph: GPT.fused_decode's one call is a graph break
+        compiled, options = torch.compile(model, dynamic=False), {"emulate_precision_casts": True}
     else:
         # freezing: the weights are constants of the graph, packed once when it compiles
         compiled, options = torch.compile(model, mode="max-autotune", fullgraph=True, dynamic=False), {"freezing": True}

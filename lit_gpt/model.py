@@ -176,11 +176,18 @@ class GPT(nn.Module):
         the embedded tokens x: the same result as the blocks' calls one by one, without the Python between them,
         which ran cold after each layer's weights had streamed through the caches. None, with the caches untouched,
         where the kernels do not take every block or the step."""
-        if x.size(1) != 1 or not x.is_cpu or torch.compiler.is_compiling():  # (elsewhere: no plan to look for)
+        if x.size(1) != 1 or not x.is_cpu:  # (elsewhere: no plan to look for)
             return None
+        return self._decode_blocks(x, cos, sin, input_pos, window.row)
+
+    # under torch.compile, a graph break: the one call runs as it does eagerly, between the compiled embedding and
+    # head (traced, the blocks would call the kernels op by op, which is slower than this one call)
+    @torch.compiler.disable
+    def _decode_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                       row: Optional[int]) -> Optional[torch.Tensor]:
         c = self.config
         return gemv.decode_blocks(self._blocks_plan(), x, cos, sin, input_pos, c.rope_n_elem,
-                                  self.transformer.h[0].attn.scale, c.norm_eps, c.sliding_window or 0, window.row)
+                                  self.transformer.h[0].attn.scale, c.norm_eps, c.sliding_window or 0, row)
 
     def _blocks_plan(self) -> Optional[gemv.BlocksPlan]:
         """The blocks as gemv.decode_blocks runs them (gemv.plan_blocks over every block's decode_layer()), kept from
