@@ -261,7 +261,9 @@ def _byte_level_pre(pre: Optional[dict]) -> Optional[str]:
     """llama.cpp's name for the split of a byte-level BPE's pre-tokenizer: "gpt-2" for tokenizers' ByteLevel with
     GPT-2's regex and no added prefix space (alone, or alone in a Sequence), the SPLIT_PRE_TOKENIZERS name for a
     Split on tiktoken's regex followed by a ByteLevel without regex; None for any other."""
-    steps = pre.get("pretokenizers") or [] if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    if not pre:
+        return None
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]
     byte_level = steps[-1] if steps and steps[-1].get("type") == "ByteLevel" else None
     if byte_level is None or byte_level.get("add_prefix_space", False):
         return None
