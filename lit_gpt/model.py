@@ -176,8 +176,8 @@ class GPT(nn.Module):
         the embedded tokens x: the same result as the blocks' calls one by one, without the Python between them,
         which ran cold after each layer's weights had streamed through the caches. None, with the caches untouched,
         where the kernels do not take every block or the step."""
-        if x.size(1) != 1 or not x.is_cpu:  # (elsewhere: no plan to look for)
-            return None
+        if x.size(1) != 1 or not x.is_cpu or not gemv.available():  # (elsewhere: no plan to look for)
+            return None  # (and, compiled without the kernels, no graph break: that compiles the whole graph)
         return self._decode_blocks(x, cos, sin, input_pos, window.row)
 
     # under torch.compile, a graph break: the one call runs as it does eagerly, between the compiled embedding and

@@ -126,6 +126,19 @@ def test_compiled_decode_gives_the_eager_tokens(ckpt, dtype, quantize, kernel, o
             assert spy.calls["attend_one"] == 15 * layers and spy.calls[kernel] >= 15 * 4 * layers, spy.calls
 
 
+def test_without_the_kernels_a_step_compiles_as_one_graph(ckpt, monkeypatch):
+    """The one-call step's graph break is only where the kernels are: compile_decode compiles a CPU without them
+    with fullgraph (max-autotune's weight packing needs the whole graph), which a break would fail."""
+    model = load_model(ckpt[0], dtype=torch.bfloat16)
+    monkeypatch.setattr(gemv, "available", lambda: False)
+    model.set_kv_cache(1, max_seq_length=16)
+    step = torch.compile(model, fullgraph=True, backend="eager", dynamic=False)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+        logits = step(torch.tensor([[4]]), torch.tensor([3]))
+    assert logits.shape == (1, 1, model.config.padded_vocab_size) and torch.isfinite(logits).all()
+
+
 def test_generate_continues_a_cache(ckpt):
     """start_pos: a second prompt prefilled on top of the first equals one generation over both."""
     _, _, model, _ = ckpt
