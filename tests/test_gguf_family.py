@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from hf_checkpoints import hf_state_dict, make_hf_checkpoint, save_weights, tiny_phi3_config
 from test_family_tokenizers import GGUF, RANKS, TEXTS
-from test_gguf import LLAMA_CPP_REASON, _detokenize
+from test_gguf import _detokenize, _fields, _greedy, _llama, _our_greedy
 from lit_gpt.config import Config
 from lit_gpt.convert import convert_hf_checkpoint
 from lit_gpt.gguf_export import export_gguf, gguf_tensor_bytes
@@ -71,12 +71,8 @@ def exports(phi3, tmp_path_factory) -> dict[str, Path]:
     return {t: export_gguf(phi3, t, out / f"phi3-{t}.gguf", show_progress=False) for t in ("bf16", "q8_0", "q4_0")}
 
 
-def _fields(path: Path) -> dict:
-    return {name: field.contents() for name, field in GGUFReader(path).fields.items()}
-
-
 def test_export_has_llama_cpps_phi3_layout(phi3, exports):
-    meta = _fields(exports["bf16"])
+    meta = _fields(GGUFReader(exports["bf16"]))
     config = Config.from_json(phi3 / "lit_config.json")
     assert meta["general.architecture"] == "phi3" and meta["general.file_type"] == 32  # MOSTLY_BF16
     assert {k: meta[f"phi3.{k}"] for k in ("context_length", "embedding_length", "feed_forward_length", "block_count",
@@ -127,7 +123,7 @@ def test_phi3_sentencepiece_vocabulary_as_llama_cpp_has_it(phi3, exports):
     scores that order every merged piece as the original scores do."""
     from lit_gpt.tokenizer import _read_gguf_vocab
 
-    meta = _fields(exports["bf16"])
+    meta = _fields(GGUFReader(exports["bf16"]))
     tokens, scores, types = _read_gguf_vocab(GGUF)
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.pre"] == "default"
     assert meta["tokenizer.ggml.tokens"][:32011] == tokens[:32011]  # the rest is padding in both
@@ -139,11 +135,6 @@ def test_phi3_sentencepiece_vocabulary_as_llama_cpp_has_it(phi3, exports):
     merged = [i for i in range(259, 32000) if scores[i] > -1e9 and len(tokens[i]) > 1]  # not the runs of spaces
     ours = meta["tokenizer.ggml.scores"]
     assert sorted(merged, key=lambda i: -ours[i]) == sorted(merged, key=lambda i: -scores[i])
-
-
-def _llama(path: Path, **kwargs):
-    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_REASON)
-    return llama_cpp.Llama(str(path), n_threads=1, verbose=False, **kwargs)
 
 
 def _real_ids(tokenizer: Tokenizer, count: int) -> list[int]:
@@ -189,19 +180,9 @@ def test_llama_cpp_computes_our_logits(phi3, exports, gguf_type, n_ctx, length, 
 
 
 def test_greedy_generation_as_ours(phi3, exports):
-    from lit_gpt.generate import generate_tokens
-    from lit_gpt.load import load_model
-
     llm = _llama(exports["bf16"], n_ctx=256, n_batch=512)
     prompt = Tokenizer(phi3).encode("def fibonacci(n):").tolist()
-    theirs = []
-    for token in llm.generate(prompt, top_k=1, temp=0.0):
-        theirs.append(token)
-        if len(theirs) == 32:
-            break
-    model = load_model(phi3, dtype=torch.float32)
-    model.set_kv_cache(1, max_seq_length=len(prompt) + 32)
-    assert theirs == [int(t) for t in generate_tokens(model, torch.tensor(prompt), len(prompt) + 32, temperature=0.0)]
+    assert _greedy(llm, prompt, 32) == _our_greedy(phi3, prompt, 32)
 
 
 # Phi-4-mini's texts that llama.cpp's "gpt-4o" split cuts otherwise: its regex leaves out tiktoken's \p{M}
@@ -211,13 +192,13 @@ PHI4_MINI_SPLIT_DIFFERENTLY = ("កាន់តែពិសេសអាចខល
 
 @pytest.mark.parametrize("family", list(VOCAB_SIZES))
 def test_llama_cpp_tokenizes_as_the_familys_tokenizers(family, tmp_path):
-    import llama_cpp
-
     # llama.cpp keys Phi-3's token attributes on a model name with "phi-3" in it, and then fails to load another
     # vocabulary: every family's export loads from a directory so named
     d = _family_checkpoint(tmp_path / "phi-3-named", family, n_embd=32, n_head=2, n_layer=1, intermediate_size=32)
-    llm = _llama(export_gguf(d, "bf16", show_progress=False), vocab_only=True)
-    meta = _fields(d / "gguf" / "phi-3-named-bf16.gguf")
+    llm = _llama(export_gguf(d, "bf16", show_progress=False), vocab_only=True)  # (skips without llama-cpp-python)
+    import llama_cpp
+
+    meta = _fields(GGUFReader(d / "gguf" / "phi-3-named-bf16.gguf"))
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"], meta["general.name"]) == {
         "phi-3": ("llama", "default", "phi-3-named"), "phi-4": ("gpt2", "llama-bpe", "phi 3-named"),
         "phi-4-mini": ("gpt2", "gpt-4o", "phi 3-named")}[family]
