@@ -50,6 +50,10 @@ static inline __m512 load_bf16x16(const uint16_t *p, __mmask16 m) {
     return widen_bf16x16(_mm256_maskz_loadu_epi16(m, p));
 }
 
+static inline __m256i f32x16_to_bf16(__m512 v) {  // round to nearest even (vcvtneps2bf16)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
 // Rows wider than this (with the activation row they are multiplied by) do not stay in a 32 KB L1 data
 // cache together: the activations are then reloaded from L2 for every row, and those reloads slowed the
 // weight stream (10240-wide rows measured ~25% slower than 2560-wide ones). Such rows go four at a time,
@@ -314,8 +318,8 @@ static float dot_int8(const int8_t *w, const q8_x *f, int64_t K) {
     return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
 }
 
-int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
-              int64_t N, int64_t K) {
+static int int8_one_row(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                        int64_t N, int64_t K) {
     q8_x f;
     int ready = q8_x_ready(&f, x, K, y, N);
     if (ready != 1) return ready;
@@ -347,18 +351,20 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 // int8, with less arithmetic per byte, gained nothing)
 #define INT4_AHEAD 2048
 
-// one block of 64 rows: out[r] = sum_k W[r, k] x[k]; scales: the block's, (K / group, 64)
-static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, int64_t K, int64_t group,
-                       float *out) {
-    // byte 4 j + m of the permute's output is byte j of column k + m (the first 16 rows; +16: the next 16)
-    static const uint8_t gather[2][64] = {
+// The byte permute over four columns of a block (128 bytes): byte 4 j + m of its output is byte j of column k + m,
+// for the first 16 rows (with [1]: the next 16); the low nibbles hold those rows, the high ones rows 32 on.
+static const uint8_t int4_gather[2][64] = {
 #define G(j, o) (j) + (o), 32 + (j) + (o), 64 + (j) + (o), 96 + (j) + (o)
 #define G16(o) G(0, o), G(1, o), G(2, o), G(3, o), G(4, o), G(5, o), G(6, o), G(7, o), G(8, o), G(9, o), G(10, o), \
         G(11, o), G(12, o), G(13, o), G(14, o), G(15, o)
-        {G16(0)}, {G16(16)}};
+    {G16(0)}, {G16(16)}};
 #undef G16
 #undef G
-    const __m512i first = _mm512_loadu_si512(gather[0]), second = _mm512_loadu_si512(gather[1]);
+
+// one block of 64 rows: out[r] = sum_k W[r, k] x[k]; scales: the block's, (K / group, 64)
+static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, int64_t K, int64_t group,
+                       float *out) {
+    const __m512i first = _mm512_loadu_si512(int4_gather[0]), second = _mm512_loadu_si512(int4_gather[1]);
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const uint32_t *xq = (const uint32_t *)f->q;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -398,13 +404,11 @@ static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, 
     for (int i = 0; i < 4; i++) _mm512_storeu_ps(out + 16 * i, acc[i]);
 }
 
-// y (M, n_out) = x (M, K) W^T + bias, 1 <= M <= FEW_ROWS (a decode step of one sequence or of a batch).
-// N: rows as stored (a multiple of 64); the first n_out rows are written. K: a multiple of group, group a
-// multiple of 32 (PyTorch's packing allows 32, 64, 128, 256). With several rows of x each block of weights
-// (64 rows: 80 KB at K = 2560) is read from memory once and from the L2 cache for the other rows; a row of x
-// holding an infinity or NaN gives a row of NaN, as a float product would.
-int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
-              uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
+// The rows of x one at a time, each through block_int4, a block of weights (64 rows: 80 KB at K = 2560) read from
+// memory once and from the L2 cache for the other rows: for 1 to INT4_TILED_FROM - 1 rows (a decode step), where
+// reading the weights sets the speed.
+static int int4_row_by_row(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
+                           uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
     q8_x f[FEW_ROWS];
     int64_t made = 0;
     for (; made < M; made++)
@@ -427,65 +431,248 @@ int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const
     return made == M ? 0 : OUT_OF_MEMORY;
 }
 
-// ---- dequantization into bf16, for products of many rows (prefill) ---------------------------------------
+// ---- int8 and int4 weights times several rows (a prompt's prefill, a decode step of a batch) --------------
 //
-// With a prompt's hundreds of rows a product is bound by arithmetic, not by reading the weights, and the
-// bf16 matrix product (oneDNN) is far faster than PyTorch's packed int8/int4 kernels. So the caller turns
-// the weights into bf16 a tile of rows at a time, into a scratch buffer that stays in the caches, and
-// multiplies by that: the conversion costs about one read of the weights, shared by all the rows.
-// Both round W = q * scale (int8) or (q - 8) * scale (int4), computed in fp32, to bf16 once, as
-// the layers' dequantize() does.
+// With more rows, work repeated for every row (int4's unpacking of the nibbles, int8's convert-and-fma per 64
+// columns) sets the speed, not the weights' reading. So a thread turns each block of 64 weight rows once into a
+// scratch of signed bytes (int8: q; int4: q - 8), each 32-bit lane holding one row's four consecutive columns
+// (64 K bytes: it stays in the L2 cache), and multiplies tiles of x's rows by it. x enters vpdpbusd as the
+// unsigned operand, xq + 128, which adds 128 sum(q) over each block of 32 columns to a row's sum: the
+// accumulators start from that sum negated, so they hold sum q xq exactly. A tile is TILE_GROUPS x 16 weight rows
+// by TILE_ROWS rows of x, its int32 sums and fp32 accumulators in registers (2 x 5 measured fastest of 1-4
+// groups by 2-12 rows).
+#define TILE_GROUPS 2
+#define TILE_ROWS 5
+// int4 products of fewer rows (a decode step of up to 4 sequences) go row by row instead, reading each block of
+// weights once for all of them: as fast as the tiles at 5 rows, faster below. int8 ones of more than one row go
+// tiled (at 2 rows about as fast as PyTorch's int8 kernel, which took them before).
+#define INT4_TILED_FROM 5
+// unpack_int8 reads 16 rows side by side and asks for each this many bytes ahead (the hardware prefetcher follows
+// so many streams late): 2-row int8 products over 0.94 GB of weights 45 -> 36 ms
+#define INT8_AHEAD 1024
 
-static inline __m256i f32x16_to_bf16(__m512 v) {  // round to nearest even (vcvtneps2bf16)
-    return (__m256i)_mm512_cvtneps_pbh(v);
+typedef struct {
+    int8_t *w;          // per 4 columns, 4 vectors (row groups of 16 rows), 64 bytes each: 64 Kx bytes
+    int32_t *start;     // per block of 32 columns, the 4 row groups' vectors: -128 sum(q)
+    uint16_t scale[64]; // int8: the block's scales (0 past the last row); int4's are read where they lie
+} unpacked;
+
+// the accumulators' starts, from the unpacked weights (Kx / 32 blocks of 32 columns)
+static void unpacked_starts(unpacked *u, int64_t Kx) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t b = 0; b < Kx / XBLOCK; b++)
+        for (int i = 0; i < 4; i++) {
+            __m512i sum = _mm512_setzero_si512();
+            for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4)
+                sum = _mm512_dpbusd_epi32(sum, ones, _mm512_load_si512(u->w + k * 64 + 64 * i));
+            _mm512_store_si512(u->start + b * 64 + 16 * i, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-128)));
+        }
 }
 
-// rows n0 .. n0 + n - 1 of an int8 weight (N, K) into out (n, K)
-void dequantize_int8(const int8_t *w, const uint16_t *scales, uint16_t *out, int64_t n0, int64_t n, int64_t K) {
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < n; r++) {
-        const int8_t *row = w + (n0 + r) * K;
-        __m512 s = _mm512_set1_ps(bf16_to_f32(scales[n0 + r]));
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + k))));
-            _mm256_storeu_si256((__m256i *)(out + r * K + k), f32x16_to_bf16(_mm512_mul_ps(v, s)));
+// rows n0 .. n0 + 63 of an int8 weight (N, K), rows past N as zeros, columns K .. Kx - 1 as zeros (Kx: K rounded up
+// to 64): per 16 rows and 64 columns, a transpose of 16 x 16 32-bit lanes
+static void unpack_int8(const int8_t *w, const uint16_t *scales, int64_t N, int64_t K, int64_t Kx, int64_t n0,
+                        unpacked *u) {
+    for (int i = 0; i < 4; i++)
+        for (int64_t k0 = 0; k0 < Kx; k0 += 64) {
+            __mmask64 cols = K - k0 >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (K - k0)) - 1);
+            __m512i r[16], t[16], v[16];
+            for (int j = 0; j < 16; j++) {
+                int64_t n = n0 + 16 * i + j;
+                r[j] = n < N ? _mm512_maskz_loadu_epi8(cols, w + n * K + k0) : _mm512_setzero_si512();
+                _mm_prefetch((const char *)(w + n * K + k0) + INT8_AHEAD, _MM_HINT_T0);
+            }
+            for (int j = 0; j < 16; j += 2) {  // within each 128-bit lane: pairs of rows, then fours
+                t[j] = _mm512_unpacklo_epi32(r[j], r[j + 1]);
+                t[j + 1] = _mm512_unpackhi_epi32(r[j], r[j + 1]);
+            }
+            for (int j = 0; j < 16; j += 4) {  // v[j + e], lane L: rows j .. j + 3 of dword 4 L + e
+                v[j] = _mm512_unpacklo_epi64(t[j], t[j + 2]);
+                v[j + 1] = _mm512_unpackhi_epi64(t[j], t[j + 2]);
+                v[j + 2] = _mm512_unpacklo_epi64(t[j + 1], t[j + 3]);
+                v[j + 3] = _mm512_unpackhi_epi64(t[j + 1], t[j + 3]);
+            }
+            for (int e = 0; e < 4; e++) {  // across the 128-bit lanes: dword 4 L + e of the 16 rows
+                __m512i p0 = _mm512_shuffle_i32x4(v[e], v[4 + e], 0x44), p1 = _mm512_shuffle_i32x4(v[e], v[4 + e], 0xEE);
+                __m512i q0 = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0x44);
+                __m512i q1 = _mm512_shuffle_i32x4(v[8 + e], v[12 + e], 0xEE);
+                int8_t *out = u->w + k0 * 64 + 64 * i;  // (the vector of dword c lies at out + 256 c)
+                _mm512_store_si512(out + 256 * e, _mm512_shuffle_i32x4(p0, q0, 0x88));
+                _mm512_store_si512(out + 256 * (4 + e), _mm512_shuffle_i32x4(p0, q0, 0xDD));
+                _mm512_store_si512(out + 256 * (8 + e), _mm512_shuffle_i32x4(p1, q1, 0x88));
+                _mm512_store_si512(out + 256 * (12 + e), _mm512_shuffle_i32x4(p1, q1, 0xDD));
+            }
         }
-        if (k < K) {
-            __mmask16 m = first_lanes(K - k);
-            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + k)));
-            _mm256_mask_storeu_epi16(out + r * K + k, m, f32x16_to_bf16(_mm512_mul_ps(v, s)));
+    for (int j = 0; j < 64; j++) u->scale[j] = n0 + j < N ? scales[n0 + j] : 0;
+    unpacked_starts(u, Kx);
+}
+
+// one 64-row block of an int4 weight in PyTorch's CPU layout (see block_int4)
+static void unpack_int4(const uint8_t *w, int64_t K, unpacked *u) {
+    const __m512i first = _mm512_loadu_si512(int4_gather[0]), second = _mm512_loadu_si512(int4_gather[1]);
+    const __m512i nibble = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    for (int64_t k = 0; k < K; k += 4) {
+        _mm_prefetch((const char *)(w + k * 32) + INT4_AHEAD, _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k * 32) + INT4_AHEAD + 64, _MM_HINT_T0);
+        __m512i c01 = _mm512_loadu_si512(w + k * 32), c23 = _mm512_loadu_si512(w + k * 32 + 64);
+        __m512i a = _mm512_permutex2var_epi8(c01, first, c23), bb = _mm512_permutex2var_epi8(c01, second, c23);
+        __m512i v[4] = {_mm512_and_si512(a, nibble), _mm512_and_si512(bb, nibble),
+                        _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble),
+                        _mm512_and_si512(_mm512_srli_epi16(bb, 4), nibble)};
+        for (int i = 0; i < 4; i++) _mm512_store_si512(u->w + k * 64 + 64 * i, _mm512_sub_epi8(v[i], eight));
+    }
+    unpacked_starts(u, K);
+}
+
+// R <= TILE_ROWS rows of x (xu: xq + 128, Kx bytes a row; steps: Kx / 32 a row) times row groups i0 ..
+// i0 + TILE_GROUPS - 1 of an unpacked block (scales (Kx / group, 64): the block's, one row of them for int8 with
+// group = Kx). out[g R + r], lane l: the sum of block row 16 (i0 + g) + l with x's row r, before the bias.
+static inline __attribute__((always_inline)) void tile(const unpacked *u, const uint16_t *scales, const uint8_t *xu,
+                                                       const float *steps, int64_t Kx, int64_t group, int i0, int R,
+                                                       __m512 *out) {
+    __m512 acc[TILE_GROUPS * TILE_ROWS];
+    for (int j = 0; j < TILE_GROUPS * R; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < Kx / XBLOCK; b++) {
+        __m512i d[TILE_GROUPS * TILE_ROWS];
+        for (int g = 0; g < TILE_GROUPS; g++) {
+            __m512i start = _mm512_load_si512(u->start + b * 64 + 16 * (i0 + g));
+            for (int r = 0; r < R; r++) d[g * R + r] = start;
+        }
+#pragma GCC unroll 8
+        for (int64_t k = b * XBLOCK; k < (b + 1) * XBLOCK; k += 4) {
+            __m512i wv[TILE_GROUPS];
+            for (int g = 0; g < TILE_GROUPS; g++) wv[g] = _mm512_load_si512(u->w + k * 64 + 64 * (i0 + g));
+            for (int r = 0; r < R; r++) {
+                __m512i xv = _mm512_set1_epi32(*(const int32_t *)(xu + r * Kx + k));
+                for (int g = 0; g < TILE_GROUPS; g++) d[g * R + r] = _mm512_dpbusd_epi32(d[g * R + r], xv, wv[g]);
+            }
+        }
+        const uint16_t *s = scales + b * XBLOCK / group * 64;
+        for (int g = 0; g < TILE_GROUPS; g++) {
+            __m512 scale = load_bf16x16(s + 16 * (i0 + g), 0xFFFF);
+            for (int r = 0; r < R; r++) {
+                __m512 f = _mm512_mul_ps(scale, _mm512_set1_ps(steps[r * (Kx / XBLOCK) + b]));
+                acc[g * R + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[g * R + r]), f, acc[g * R + r]);
+            }
         }
     }
+    for (int j = 0; j < TILE_GROUPS * R; j++) out[j] = acc[j];
 }
 
-// the 64-row blocks b0 .. b0 + nb - 1 of an int4 weight in PyTorch's CPU layout, transposed: out is
-// (K, 64 nb), column j the block's row j (the layout stores each column of a block's 64 rows together)
-void dequantize_int4_t(const uint8_t *w, const uint16_t *scales, uint16_t *out, int64_t b0, int64_t nb,
-                       int64_t K, int64_t group) {
-    int64_t width = 64 * nb;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *block = w + (b0 + b) * 64 * K / 2;
-        const uint16_t *block_scales = scales + (b0 + b) * 64 * (K / group);
-        __m512 scale[4];
-        for (int64_t k = 0; k < K; k++) {
-            if (k % group == 0) {
-                for (int i = 0; i < 4; i++) scale[i] = load_bf16x16(block_scales + k / group * 64 + 16 * i, 0xFFFF);
-            }
-            __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + k * 32));
-            __m256i lo = _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F));
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), _mm256_set1_epi8(0x0F));
-            __m128i q[4] = {_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1), _mm256_castsi256_si128(hi),
-                            _mm256_extracti128_si256(hi, 1)};
-            for (int i = 0; i < 4; i++) {  // rows 16 i .. 16 i + 15 of the block
-                __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q[i])), _mm512_set1_ps(8.0f));
-                __m512 wv = _mm512_mul_ps(v, scale[i]);
-                _mm256_storeu_si256((__m256i *)(out + k * width + b * 64 + 16 * i), f32x16_to_bf16(wv));
-            }
-        }
+static void tile_of_rows(const unpacked *u, const uint16_t *scales, const uint8_t *xu, const float *steps,
+                         int64_t Kx, int64_t group, int i0, int R, __m512 *out) {
+    switch (R) {  // a copy per count of rows, its loops unrolled and its accumulators in registers
+        case 1: tile(u, scales, xu, steps, Kx, group, i0, 1, out); break;
+        case 2: tile(u, scales, xu, steps, Kx, group, i0, 2, out); break;
+        case 3: tile(u, scales, xu, steps, Kx, group, i0, 3, out); break;
+        case 4: tile(u, scales, xu, steps, Kx, group, i0, 4, out); break;
+        default: tile(u, scales, xu, steps, Kx, group, i0, TILE_ROWS, out); break;
     }
 }
+#if TILE_ROWS != 5
+#error "tile_of_rows needs a case for each count of rows below TILE_ROWS"
+#endif
+
+// y (M, n_out) = x (M, K) W^T + bias for an int8 weight (int4 = 0: (N, K), one scale per row, n_out = N) or an
+// int4 one (int4 = 1: PyTorch's CPU layout, N a multiple of 64, scales block by block, groups of `group`)
+static int tiled_product(int int4, const void *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
+                         uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
+    int64_t Kx = int4 ? K : (K + 63) / 64 * 64, xblocks = Kx / XBLOCK;  // (int4's K: a multiple of 32)
+    uint8_t *xu = aligned_alloc(64, (M * Kx + 63) / 64 * 64);
+    float *steps = malloc(M * xblocks * sizeof(float));
+    uint8_t *finite = malloc(M);
+    int status = xu && steps && finite ? 0 : OUT_OF_MEMORY;
+    if (status == 0) {
+#pragma omp parallel for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            q8_x f;  // its q: K rounded up to 64, zeros past K
+            if (!q8_x_make(&f, x + m * K, K)) {
+#pragma omp atomic write
+                status = OUT_OF_MEMORY;
+                continue;
+            }
+            for (int64_t k = 0; k < Kx; k += 64) {  // (int4's Kx: a multiple of 32 only)
+                __mmask64 mk = Kx - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (Kx - k)) - 1);
+                __m512i q = _mm512_xor_si512(_mm512_load_si512(f.q + k), _mm512_set1_epi8((char)0x80));
+                _mm512_mask_storeu_epi8(xu + m * Kx + k, mk, q);
+            }
+            memcpy(steps + m * xblocks, f.step, xblocks * sizeof(float));
+            finite[m] = (uint8_t)f.finite;
+            q8_x_free(&f);
+        }
+    }
+    if (status == 0) {
+#pragma omp parallel
+        {
+            unpacked *u = aligned_alloc(64, sizeof(unpacked));
+            if (u) {
+                u->w = aligned_alloc(64, 64 * Kx);
+                u->start = aligned_alloc(64, xblocks * 64 * sizeof(int32_t));
+            }
+            int ok = u && u->w && u->start;
+            if (!ok) {
+#pragma omp atomic write
+                status = OUT_OF_MEMORY;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t nb = 0; nb < (N + 63) / 64; nb++) {
+                if (!ok) continue;
+                const uint16_t *block_scales = u->scale;
+                int64_t block_group = Kx;
+                if (int4) {
+                    unpack_int4((const uint8_t *)w + nb * 64 * K / 2, K, u);
+                    block_scales = scales + nb * 64 * (K / group);
+                    block_group = group;
+                } else {
+                    unpack_int8((const int8_t *)w, scales, N, K, Kx, nb * 64, u);
+                }
+                for (int i0 = 0; i0 < 4; i0 += TILE_GROUPS)
+                    for (int64_t m0 = 0; m0 < M; m0 += TILE_ROWS) {
+                        int R = M - m0 < TILE_ROWS ? (int)(M - m0) : TILE_ROWS;
+                        __m512 out[TILE_GROUPS * TILE_ROWS];
+                        tile_of_rows(u, block_scales, xu + m0 * Kx, steps + m0 * xblocks, Kx, block_group, i0, R, out);
+                        for (int g = 0; g < TILE_GROUPS; g++)
+                            for (int r = 0; r < R; r++) {
+                                float v[16];
+                                _mm512_storeu_ps(v, out[g * R + r]);
+                                int64_t m = m0 + r, n0 = nb * 64 + 16 * (i0 + g);
+                                for (int l = 0; l < 16 && n0 + l < n_out; l++)
+                                    y[m * n_out + n0 + l] = finite[m] ? f32_to_bf16(v[l] + bias_at(bias, n0 + l)) : 0x7FC0;
+                            }
+                    }
+            }
+            if (u) {
+                free(u->w);
+                free(u->start);
+            }
+            free(u);
+        }
+    }
+    free(xu);
+    free(steps);
+    free(finite);
+    return status;
+}
+
+// y (M, N) = x (M, K) W^T + bias for an int8 weight (N, K) with one scale per row, any M >= 1
+int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+              int64_t N, int64_t K, int64_t M) {
+    if (M > 1) return tiled_product(0, w, x, scales, bias, y, N, N, K, K, M);
+    return int8_one_row(w, x, scales, bias, y, N, K);
+}
+
+// y (M, n_out) = x (M, K) W^T + bias for an int4 weight, any M >= 1 (a decode step, of one sequence or of a batch;
+// a prompt). N: rows as stored (a multiple of 64); the first n_out rows are written. K: a multiple of group, group
+// a multiple of 32 (PyTorch's packing allows 32, 64, 128, 256). A row of x holding an infinity or NaN gives a row
+// of NaN, as a float product would.
+int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
+              uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
+    if (M >= INT4_TILED_FROM) return tiled_product(1, w, x, scales, bias, y, N, n_out, K, group, M);
+    return int4_row_by_row(w, x, scales, bias, y, N, n_out, K, group, M);
+}
+#if INT4_TILED_FROM > FEW_ROWS + 1
+#error "int4_row_by_row takes at most FEW_ROWS rows"
+#endif
 
 // ---- attention of one new token over the cached keys and values -----------------------------------------
 //
@@ -799,14 +986,14 @@ typedef struct {
     int64_t group;  // INT4: columns per scale
 } matrix;
 
-// y (M, n_out) = x (M, K) W^T + bias; INT8 takes one row
+// y (M, n_out) = x (M, K) W^T + bias
 static int product(const matrix *m, const uint16_t *x, uint16_t *y, int64_t M) {
     switch (m->kind) {
     case BF16:
         gemv_bf16(m->w, x, m->bias, y, m->n_out, m->K, M);
         return 0;
     case INT8:
-        return gemv_int8(m->w, x, m->scales, m->bias, y, m->n_out, m->K);
+        return gemv_int8(m->w, x, m->scales, m->bias, y, m->n_out, m->K, M);
     default:
         return gemv_int4(m->w, x, m->scales, m->bias, y, m->rows, m->n_out, m->K, m->group, M);
     }

@@ -35,7 +35,7 @@ from lit_gpt.utils import atomic_path, first_line
 SOURCE = Path(__file__).with_name("gemv.c")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx512vbmi")
 MAX_HEAD_SIZE = 256  # the longest attention head attend_one takes; gemv.c gets it from the flags below
-FEW_ROWS = 8  # the most rows linear_bf16/int4 take (a decode step of a batch of sequences); gemv.c gets it as well
+FEW_ROWS = 8  # the most rows linear_bf16 and decode_blocks take (a decode step of a batch); gemv.c gets it as well
 CFLAGS = ["-O3", "-std=gnu11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
           "-mavx512vbmi", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared",
           f"-DMAX_HEAD_SIZE={MAX_HEAD_SIZE}", f"-DFEW_ROWS={FEW_ROWS}"]
@@ -163,7 +163,8 @@ def _run_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 def _run_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Tensor:
     x, y = x.contiguous(), _rows_empty(x, weight)
-    _check(_lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape))
+    _check(_lib.gemv_int8(weight.data_ptr(), x.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), *weight.shape,
+                          x.numel() // x.shape[-1]))
     return y
 
 
@@ -184,17 +185,6 @@ def _run_quantize_x8(x: Tensor) -> Tensor:
     x, y = x.contiguous(), torch.empty(x.shape, dtype=torch.float32)
     _check(_lib.quantize_x8(x.data_ptr(), y.data_ptr(), x.numel()))
     return y
-
-
-def _run_dequantize_int8(weight: Tensor, scales: Tensor, start: int, out: Tensor) -> Tensor:
-    _lib.dequantize_int8(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), start, out.shape[0], weight.shape[1])
-    return out
-
-
-def _run_dequantize_int4_t(packed: Tensor, scales: Tensor, start: int, out: Tensor, group_size: int) -> Tensor:
-    _lib.dequantize_int4_t(packed.data_ptr(), scales.data_ptr(), out.data_ptr(), start // 64,
-                           out.shape[1] // 64, packed.shape[1] * 2, group_size)
-    return out
 
 
 def _empty_like(x: Tensor, *_) -> Tensor:
@@ -281,7 +271,7 @@ def _run_decode_blocks(plan: "BlocksPlan", x: Tensor, cos: Tensor, sin: Tensor, 
 
 _P, _I64, _F32, _STATUS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 _GEMV_BF16 = _Kernel("gemv_bf16", None, (_P,) * 4 + (_I64,) * 3, _run_bf16, "linear_bf16", _rows_empty)
-_GEMV_INT8 = _Kernel("gemv_int8", _STATUS, (_P,) * 5 + (_I64,) * 2, _run_int8, "linear_int8", _rows_empty)
+_GEMV_INT8 = _Kernel("gemv_int8", _STATUS, (_P,) * 5 + (_I64,) * 3, _run_int8, "linear_int8", _rows_empty)
 _GEMV_INT4 = _Kernel("gemv_int4", _STATUS, (_P,) * 5 + (_I64,) * 5, _run_int4, "linear_int4", _int4_empty)
 _ATTEND_ONE = _Kernel("attend_one", _STATUS, (_P,) * 4 + (_I64,) * 7 + (_F32,), _run_attend_one, "attend_one",
                       _empty_like)
@@ -296,12 +286,9 @@ _RMS_NORM = _Kernel("rms_norm", None, (_P,) * 3 + (_I64,) * 2 + (_F32,), _run_rm
 # eager only, as attend_decode
 _DECODE_BLOCKS = _Kernel("decode_blocks", _STATUS, (_P, _I64, _I64, _F32) + (_P,) * 4 + (_I64,) * 5 + (_P,)
                          + (_I64,) * 4 + (_F32,), _run_decode_blocks)
-# eager only: products of many rows (prefill) multiply by bf16 tiles of the quantized weights
-_QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)
-_DEQUANTIZE_INT8 = _Kernel("dequantize_int8", None, (_P,) * 3 + (_I64,) * 3, _run_dequantize_int8)
-_DEQUANTIZE_INT4_T = _Kernel("dequantize_int4_t", None, (_P,) * 3 + (_I64,) * 4, _run_dequantize_int4_t)
+_QUANTIZE_X8 = _Kernel("quantize_x8", _STATUS, (_P,) * 2 + (_I64,), _run_quantize_x8)  # for tests' references
 _KERNELS = (_GEMV_BF16, _GEMV_INT8, _GEMV_INT4, _ATTEND_ONE, _ATTEND_DECODE, _GELU_TANH, _SILU_MUL, _LAYER_NORM,
-            _RMS_NORM, _DECODE_BLOCKS, _QUANTIZE_X8, _DEQUANTIZE_INT8, _DEQUANTIZE_INT4_T)
+            _RMS_NORM, _DECODE_BLOCKS, _QUANTIZE_X8)
 
 
 # ---- the operations: a result, or None for PyTorch to compute it ---------------------------------------
@@ -322,12 +309,12 @@ def _usable(*tensors: Optional[Tensor]) -> bool:
     return _loaded if torch.compiler.is_compiling() else _load() is not None
 
 
-def _one_row(x: Tensor, in_features: int) -> bool:
-    return x.dtype == _BF16 and x.numel() == x.shape[-1] == in_features
-
-
 def _few_rows(x: Tensor, in_features: int) -> bool:
     return x.dtype == _BF16 and x.shape[-1] == in_features and 0 < x.numel() <= FEW_ROWS * in_features
+
+
+def _rows(x: Tensor, in_features: int) -> bool:
+    return x.dtype == _BF16 and x.dim() > 0 and x.shape[-1] == in_features and x.numel() > 0
 
 
 def _bf16_vector(t: Optional[Tensor], n: int) -> bool:
@@ -363,21 +350,21 @@ def linear_bf16(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[T
 
 
 def linear_int8(x: Tensor, weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Optional[Tensor]:
-    """x @ (weight * scales[:, None]).T + bias for one bf16 row x, an int8 weight (out_features, in_features) and
-    bf16 scales and bias; None where the kernels cannot take these inputs."""
-    if _int8_weight(weight, scales, bias) and _one_row(x, weight.shape[1]) and _usable(x, weight, scales, bias):
+    """x @ (weight * scales[:, None]).T + bias for bf16 x of any number of rows (a decode step, a prompt), an int8
+    weight (out_features, in_features) and bf16 scales and bias; None where the kernels cannot take these inputs."""
+    if _int8_weight(weight, scales, bias) and _rows(x, weight.shape[1]) and _usable(x, weight, scales, bias):
         return _GEMV_INT8(x, weight, scales, bias)
     return None
 
 
 def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_features: int,
                 group_size: int) -> Optional[Tensor]:
-    """bf16 x of 1 to FEW_ROWS rows times an int4 weight in PyTorch's CPU layout
+    """bf16 x of any number of rows (a decode step, a prompt) times an int4 weight in PyTorch's CPU layout
     (aten._convert_weight_to_int4pack_for_cpu, rows padded to a multiple of 64), W = (q - 8) * scale per group of
     group_size inputs, plus bias; bf16 scales block by block, (rows / 64, in_features / group_size, 64) (see
     blocked_scales), and bias. None where the kernels cannot take these inputs. The caller knows that this torch
     packs int4 in that layout (lit_gpt.quantize checks it)."""
-    if (_int4_weight(packed, scales, bias, out_features, group_size) and _few_rows(x, packed.shape[1] * 2)
+    if (_int4_weight(packed, scales, bias, out_features, group_size) and _rows(x, packed.shape[1] * 2)
             and _usable(x, packed, scales, bias)):
         return _GEMV_INT4(x, packed, scales, bias, out_features, group_size)
     return None
@@ -401,31 +388,6 @@ def quantized_activations(x: Tensor) -> Optional[Tensor]:
     values, step = the block's largest |x| / 127), as fp32; None without the kernels. For tests and references."""
     if x.dtype == _BF16 and x.dim() == 1 and _usable(x):
         return _QUANTIZE_X8(x)
-    return None
-
-
-def dequantize_int8(weight: Tensor, scales: Tensor, start: int, out: Tensor) -> Optional[Tensor]:
-    """Rows start .. start + len(out) - 1 of an int8 weight (out_features, in_features) times their bf16 scales,
-    rounded to bf16 once, into out (a bf16 (rows, in_features) tensor); None where the kernels cannot take it."""
-    n, K = out.shape if out.dim() == 2 else (0, 0)
-    if (weight.dtype == torch.int8 and weight.dim() == 2 and out.dtype == scales.dtype == _BF16 and K == weight.shape[1]
-            and scales.numel() == weight.shape[0] and 0 <= start and start + n <= weight.shape[0]
-            and not torch.compiler.is_compiling() and _usable(weight, scales, out)):
-        return _DEQUANTIZE_INT8(weight, scales, start, out)
-    return None
-
-
-def dequantize_int4_t(packed: Tensor, scales: Tensor, start: int, out: Tensor, group_size: int) -> Optional[Tensor]:
-    """Rows start .. start + out.shape[1] - 1 (both multiples of 64) of an int4 weight in PyTorch's CPU layout
-    (see linear_int4, also for the scales), W = (q - 8) * scale rounded to bf16 once, transposed into out, a bf16
-    (in_features, rows) tensor; None where the kernels cannot take it."""
-    rows, K = packed.shape[0], packed.shape[-1] * 2
-    if (packed.dtype == torch.uint8 and packed.dim() == 2 and out.dim() == 2 and out.dtype == _BF16
-            and out.shape[0] == K and out.shape[1] % 64 == 0 and start % 64 == 0 and 0 <= start
-            and start + out.shape[1] <= rows and rows % 64 == 0 and group_size > 0 and K % group_size == 0
-            and scales.dtype == _BF16 and scales.shape == (rows // 64, K // group_size, 64)
-            and not torch.compiler.is_compiling() and _usable(packed, scales, out)):
-        return _DEQUANTIZE_INT4_T(packed, scales, start, out, group_size)
     return None
 
 
@@ -481,8 +443,7 @@ _KIND_BF16, _KIND_INT8, _KIND_INT4 = 0, 1, 2  # gemv.c's BF16, INT8, INT4
 
 
 class Matrix(NamedTuple):
-    """A weight matrix as decode_blocks' products read it (gemv.c's `matrix`: the first eight fields, the
-    tensors' addresses and sizes); from bf16_matrix, int8_matrix or int4_matrix, which check it as linear_bf16,
+    """A weight matrix as decode_blocks' products read it (gemv.c's `matrix`: the tensors' addresses and sizes); from bf16_matrix, int8_matrix or int4_matrix, which check it as linear_bf16,
     linear_int8 and linear_int4 do. Valid while those tensors live and stay where they are: make one per call."""
 
     kind: int  # _KIND_BF16, _KIND_INT8 or _KIND_INT4
@@ -493,22 +454,21 @@ class Matrix(NamedTuple):
     in_features: int
     rows: int
     group: int
-    max_rows: int  # the most rows of x its product takes
 
 
 def bf16_matrix(weight: Tensor, bias: Optional[Tensor]) -> Optional[Matrix]:
     """The matrix of linear_bf16(x, weight, bias); None where the kernels cannot take it (or under torch.compile)."""
     if not torch.compiler.is_compiling() and _bf16_weight(weight, bias) and _usable(weight, bias):
         N, K = weight.shape
-        return Matrix(_KIND_BF16, weight.data_ptr(), 0, _ptr(bias) or 0, N, K, N, 0, FEW_ROWS)
+        return Matrix(_KIND_BF16, weight.data_ptr(), 0, _ptr(bias) or 0, N, K, N, 0)
     return None
 
 
 def int8_matrix(weight: Tensor, scales: Tensor, bias: Optional[Tensor]) -> Optional[Matrix]:
-    """The matrix of linear_int8(x, weight, scales, bias) (one row); None where the kernels cannot take it."""
+    """The matrix of linear_int8(x, weight, scales, bias); None where the kernels cannot take it."""
     if not torch.compiler.is_compiling() and _int8_weight(weight, scales, bias) and _usable(weight, scales, bias):
         N, K = weight.shape
-        return Matrix(_KIND_INT8, weight.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, N, K, N, 0, 1)
+        return Matrix(_KIND_INT8, weight.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, N, K, N, 0)
     return None
 
 
@@ -519,7 +479,7 @@ def int4_matrix(packed: Tensor, scales: Tensor, bias: Optional[Tensor], out_feat
     if (not torch.compiler.is_compiling() and _int4_weight(packed, scales, bias, out_features, group_size)
             and _usable(packed, scales, bias)):
         return Matrix(_KIND_INT4, packed.data_ptr(), scales.data_ptr(), _ptr(bias) or 0, out_features,
-                      packed.shape[1] * 2, packed.shape[0], group_size, FEW_ROWS)
+                      packed.shape[1] * 2, packed.shape[0], group_size)
     return None
 
 
@@ -545,7 +505,6 @@ class BlocksPlan(NamedTuple):
     sequential: bool
     n_embd: int
     n_head: int
-    max_rows: int  # the most rows (sequences) a step may have: the products' least
     k: Tensor  # the first block's cache (every block's has its shape)
     v: Tensor
 
@@ -566,10 +525,9 @@ def plan_blocks(layers: Sequence[Optional[DecodeLayer]], n_head: int) -> Optiona
     for layer in layers:  # gemv.c's decode_layer
         fields += (layer.norm_weight.data_ptr(), _ptr(layer.norm_bias) or 0, _ptr(layer.norm_2_weight) or 0)
         for matrix in layer.matrices:
-            fields += matrix[:8]
+            fields += matrix
         fields += (layer.k.data_ptr(), layer.v.data_ptr())
-    max_rows = min(m.max_rows for layer in layers for m in layer.matrices)
-    return BlocksPlan((ctypes.c_int64 * len(fields))(*fields), len(layers), sequential, C, n_head, max_rows, k, v)
+    return BlocksPlan((ctypes.c_int64 * len(fields))(*fields), len(layers), sequential, C, n_head, k, v)
 
 
 def decode_blocks(plan: Optional[BlocksPlan], x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, rope_n_elem: int,
@@ -587,7 +545,7 @@ def decode_blocks(plan: Optional[BlocksPlan], x: Tensor, cos: Tensor, sin: Tenso
         return None
     B, _, C = x.shape
     first, k, v = row or 0, plan.k, plan.v
-    if (C != plan.n_embd or B > plan.max_rows or first < 0 or first + B > k.shape[0]
+    if (C != plan.n_embd or B > FEW_ROWS or first < 0 or first + B > k.shape[0]
             or not _decode_attention(cos, sin, k[first:first + B], v[first:first + B], input_pos, plan.n_head,
                                      rope_n_elem, window)):
         return None

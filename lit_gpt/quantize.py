@@ -5,17 +5,16 @@ bound by memory bandwidth: storing weights in 8 or 4 bits reads 2x or ~3.5x fewe
 The kernels (measured with scripts/bench_kernels.py; see the numbers there):
 
 - int8, per output channel, symmetric: `W ~ q * scale[n]`, q in [-127, 127].
-  CPU: one bf16 row (a decode step) goes through our gemv.c kernel where it builds (AVX-512 BF16/VNNI),
-  which rounds the activations to 8 bits per block of 32 (as llama.cpp's q8_0 does); a few rows
-  through `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations); many bf16 rows
-  (a prefill) through the bf16 matrix product on tiles of the dequantized weight (DEQUANTIZED_MIN_ROWS).
+  CPU: bf16 rows (a decode step, a prompt) go through our gemv.c kernels where they build (AVX-512
+  BF16/VNNI/VBMI), which round the activations to 8 bits per block of 32 (as llama.cpp's q8_0 does) and multiply
+  with integer dot products; otherwise `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations).
   CUDA and others: `F.linear(x, q.to(x.dtype)) * scale`, the pattern that inductor turns into a
   fused kernel under torch.compile (gpt-fast's int8 path); eager it is correct but not fast.
 - int4, group-wise, symmetric (as llama.cpp's q4_0): `W ~ (q - 8) * scale[n, g]`, q in [0, 15], one scale per
   `group_size` consecutive inputs (4.5 bits a weight with groups of 32). PyTorch's kernels take (scale, zero)
   pairs (tinygemm's convention), the zero here 0.
-  CPU: `aten._weight_int4pack_mm_for_cpu`, for 1-8 bf16 rows our gemv.c kernel (8-bit activations,
-  as for int8), which reads the same packed weight, and for many bf16 rows bf16 tiles as for int8;
+  CPU: bf16 rows through our gemv.c kernels (8-bit activations, as for int8), which read PyTorch's packed
+  weight; otherwise `aten._weight_int4pack_mm_for_cpu`;
   CUDA: `aten._weight_int4pack_mm` (tinygemm, bf16 only).
   The packed weight layout is the kernel's own and differs per device (and per CPU instruction
   set), so layers are packed for the device their weight is on when `quantize_model` runs.
@@ -31,7 +30,6 @@ mode and group size, then `load_state_dict(..., assign=True)`. scripts/quantize.
 it loads on the same machine in seconds, without repacking.
 """
 
-import threading
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -53,45 +51,6 @@ aten = torch.ops.aten
 _CHUNK_ELEMENTS = 1 << 20
 # Unpacking int4 (state_dict, dequantize) caches an index per chunk shape (4 MB each).
 _UNPACK_CHUNK_ELEMENTS = 1 << 20
-
-# Products of at least this many rows (a prompt's prefill) on the CPU multiply by the weight dequantized to bf16,
-# a tile of rows at a time, with the bf16 matrix product: PyTorch's packed int8/int4 kernels are several times
-# slower than it on many rows, and the dequantization (about one read of the weights) is shared by all rows.
-# Fewer rows (decode steps of a few sequences) read the weights once: int4 up to gemv.FEW_ROWS through our kernel,
-# the rest through PyTorch's packed kernels.
-DEQUANTIZED_MIN_ROWS = 16
-# A tile: 4M bf16 values (8 MB: it stays in the L3 while the product reads it), in one scratch buffer per
-# thread that every layer reuses, so memory grows by one tile, not by a dequantized copy of any layer.
-_TILE_ELEMENTS = 1 << 22
-_scratch = threading.local()
-
-
-def _tile_buffer(elements: int) -> torch.Tensor:
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < elements:
-        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode alike
-            buffer = _scratch.buffer = torch.empty(max(elements, _TILE_ELEMENTS), dtype=torch.bfloat16)
-    return buffer[:elements]
-
-
-def _dequantized_product(x2: torch.Tensor, rows: int, fill, transposed: bool) -> torch.Tensor:
-    """x2 (M, K) bf16 times the transpose of a (rows, K) weight that `fill(start, tile)` dequantizes a tile of rows
-    at a time (multiples of 64 rows): into tile (n, K), or with `transposed` into tile (K, n). Returns (M, rows)."""
-    K = x2.shape[1]
-    step = max(64, _TILE_ELEMENTS // K // 64 * 64)
-    y = x2.new_empty(x2.shape[0], rows)
-    for start in range(0, rows, step):
-        n = min(step, rows - start)
-        tile = _tile_buffer(n * K).view((K, n) if transposed else (n, K))
-        fill(start, tile)
-        y[:, start : start + n] = x2 @ (tile if transposed else tile.t())
-    return y
-
-
-def _use_dequantized(x2: torch.Tensor, scales: torch.Tensor) -> bool:
-    return (x2.shape[0] >= DEQUANTIZED_MIN_ROWS and x2.is_cpu and x2.dtype == scales.dtype == torch.bfloat16
-            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad))
-
 
 def check_int4_group_size(group_size: int) -> None:
     """A UserError unless both int4 kernels (CPU, tinygemm) take this group size."""
@@ -197,14 +156,12 @@ class Int8Linear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = gemv.linear_int8(x, self.weight, self.scales, self.bias)  # a decode step on CPU
+        y = gemv.linear_int8(x, self.weight, self.scales, self.bias)  # on CPU
         if y is not None:
             return y
         x2 = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
-        if _use_dequantized(x2, self.scales):  # a prefill on CPU
-            y = _dequantized_product(x2.contiguous(), self.out_features, self._dequantize_rows, transposed=False)
-        elif x.device.type == "cpu":
+        if x.device.type == "cpu":
             with gemv.pytorch_fallback(x, one_row=x2.shape[0] == 1):
                 y = aten._weight_int8pack_mm(x2.contiguous(), self.weight, scales)
         else:
@@ -215,13 +172,6 @@ class Int8Linear(nn.Module):
     def decode_matrix(self) -> Optional[gemv.Matrix]:
         """The weight as gemv.decode_blocks reads it; None where the kernels cannot."""
         return gemv.int8_matrix(self.weight, self.scales, self.bias)
-
-    def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
-        """Rows start .. start + len(out) - 1 of dequantize(torch.bfloat16), into out."""
-        if gemv.dequantize_int8(self.weight, self.scales, start, out) is None:
-            # the same bf16 values: q * scale (bf16 times bf16) is exact in fp32 and rounded once here too
-            rows = slice(start, start + out.shape[0])
-            torch.mul(self.weight[rows].to(torch.bfloat16), self.scales[rows, None], out=out)
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -391,14 +341,12 @@ class Int4Linear(nn.Module):
         return torch.cat(packed) if len(packed) > 1 else packed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv_layout:  # a decode step on CPU
+        if self.gemv_layout:  # on CPU
             y = gemv.linear_int4(x, self.weight, self.scales, self.bias, self.out_features, self.group_size)
             if y is not None:
                 return y
         x2 = x.reshape(-1, self.in_features).contiguous()
-        if self.gemv_layout and _use_dequantized(x2, self.scales):  # a prefill on CPU
-            y = _dequantized_product(x2, self.padded_out, self._dequantize_rows, transposed=True)
-        elif x.device.type == "cpu":
+        if x.device.type == "cpu":
             sz = self.pytorch_scales().to(x.dtype)
             with gemv.pytorch_fallback(x, one_row=x2.shape[0] == 1):
                 y = aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, sz)
@@ -428,11 +376,6 @@ class Int4Linear(nn.Module):
         if not self.gemv_layout:
             return None
         return gemv.int4_matrix(self.weight, self.scales, self.bias, self.out_features, self.group_size)
-
-    def _dequantize_rows(self, start: int, out: torch.Tensor) -> None:
-        """Rows start .. start + out.shape[1] - 1 of dequantize(torch.bfloat16), transposed into out (K, n)."""
-        if gemv.dequantize_int4_t(self.weight, self.scales, start, out, self.group_size) is None:
-            raise RuntimeError("gemv.dequantize_int4_t declined a tile it was checked to take")
 
     @torch.no_grad()
     def int_weight(self) -> torch.Tensor:
