@@ -604,7 +604,7 @@ static int tiled_product(int int4, const void *w, const uint16_t *x, const uint1
     if (status == 0) {
 #pragma omp parallel
         {
-            unpacked *u = aligned_alloc(64, sizeof(unpacked));
+            unpacked *u = malloc(sizeof(unpacked));
             if (u) {
                 u->w = aligned_alloc(64, 64 * Kx);
                 u->start = aligned_alloc(64, xblocks * 64 * sizeof(int32_t));
