@@ -202,6 +202,10 @@ void gemv_bf16(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint1
 // The weights enter as the unsigned operand (int4: q in 0..15; int8: q + 128).
 
 #define XBLOCK 32
+// Products of this many rows of x or more go through the tiles below ("several rows"); fewer rows (a decode step)
+// go row by row, each load of the weights serving all of them: faster where reading the weights sets the speed
+// (int8 and int4 alike: at 4 rows row by row, at 5 the tiles, measured over 12 of phi-2's layers).
+#define TILED_FROM 5
 
 typedef struct {
     int8_t *q;      // K bytes, zero-padded to a multiple of 64
@@ -268,16 +272,6 @@ static void q8_x_free(q8_x *f) {
 // hundred KB) could not be allocated; the caller raises MemoryError.
 #define OUT_OF_MEMORY (-1)
 
-// The 8-bit copy of x for a product with n outputs: 1 when it is ready (free it after use); 0 when x holds
-// an infinity or NaN, and y (n outputs) is all NaN, as a float product would give; OUT_OF_MEMORY.
-static int q8_x_ready(q8_x *f, const uint16_t *x, int64_t K, uint16_t *y, int64_t n) {
-    if (!q8_x_make(f, x, K)) return OUT_OF_MEMORY;
-    if (f->finite) return 1;
-    q8_x_free(f);
-    for (int64_t i = 0; i < n; i++) y[i] = 0x7FC0;
-    return 0;
-}
-
 // The x the int8/int4 products compute with, as bf16 can hold it exactly only by chance: step * xq as
 // fp32 (K floats), for the tests' reference.
 int quantize_x8(const uint16_t *x, float *out, int64_t K) {
@@ -295,42 +289,71 @@ int quantize_x8(const uint16_t *x, float *out, int64_t K) {
 // Per 64 columns and row, one vpdpbusd gathers sum (q + 128) xq per block of 32 (lanes 0-7 and 8-15), which
 // becomes fp32, times the blocks' steps; the + 128 adds 128 * sum(x) to every row, subtracted once at the end.
 
-// One row at a time, also for wide rows: with 8-bit activations a row and x take 2 bytes per column and four
-// rows per pass (as bf16 does for wide rows) measured slower on 10240-wide rows.
-static float dot_int8(const int8_t *w, const q8_x *f, int64_t K) {
+// One weight row at a time, also for wide rows (with 8-bit activations a row and x take 2 bytes per column; four
+// weight rows per pass, as bf16 does for wide rows, measured slower on 10240-wide rows), times M (1 .. TILED_FROM - 1)
+// rows of x, each load of the weights serving all of them; two chains of convert-and-fma per row of x, one for
+// even and one for odd 64 columns. Masked loads only for a partial last 64 columns: masked on every load, 2 rows
+// took 56 ms instead of 26 over 0.94 GB.
+static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, const q8_x *f, int64_t K, int M,
+                                                           float *out) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();  // two chains of convert-and-fma
+    __m512 acc[TILED_FROM - 1], acc2[TILED_FROM - 1];
+    for (int m = 0; m < M; m++) acc[m] = acc2[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 128 <= K; k += 128) {
         __m512i u0 = _mm512_xor_si512(_mm512_loadu_si512(w + k), flip);
         __m512i u1 = _mm512_xor_si512(_mm512_loadu_si512(w + k + 64), flip);
-        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_load_si512(f->q + k));
-        __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, _mm512_load_si512(f->q + k + 64));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_load_ps(f->lanes + k / 4), acc);
-        acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_load_ps(f->lanes + k / 4 + 16), acc2);
+        for (int m = 0; m < M; m++) {
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_load_si512(f[m].q + k));
+            __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u1, _mm512_load_si512(f[m].q + k + 64));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_load_ps(f[m].lanes + k / 4), acc[m]);
+            acc2[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_load_ps(f[m].lanes + k / 4 + 16), acc2[m]);
+        }
     }
     for (; k < K; k += 64) {  // past K the weights load as 0 (128 after the flip) and meet zero activations
-        __mmask64 m = K - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (K - k)) - 1);
-        __m512i u0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + k), flip);
-        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_load_si512(f->q + k));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_load_ps(f->lanes + k / 4), acc);
+        __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (K - k)) - 1);
+        __m512i u0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), flip);
+        for (int m = 0; m < M; m++) {
+            __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_load_si512(f[m].q + k));
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_load_ps(f[m].lanes + k / 4), acc[m]);
+        }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc, acc2));
+    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m]));
 }
 
-static int int8_one_row(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
-                        int64_t N, int64_t K) {
-    q8_x f;
-    int ready = q8_x_ready(&f, x, K, y, N);
-    if (ready != 1) return ready;
-    float offset = 0.0f;
-    for (int64_t b = 0; b * XBLOCK < K; b++) offset += 128.0f * f.sum[b];
+// 1 .. TILED_FROM - 1 rows of x (a decode step, of one sequence or a few), one weight row at a time
+static int int8_row_by_row(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
+                           uint16_t *y, int64_t N, int64_t K, int64_t M) {
+    q8_x f[TILED_FROM - 1];
+    float offset[TILED_FROM - 1];
+    int64_t made = 0;
+    for (; made < M; made++) {
+        if (!q8_x_make(&f[made], x + made * K, K)) break;
+        offset[made] = 0.0f;
+        for (int64_t b = 0; b * XBLOCK < K; b++) offset[made] += 128.0f * f[made].sum[b];
+    }
+    if (made == M) {
 #pragma omp parallel for schedule(dynamic, chunk_of(K))
-    for (int64_t n = 0; n < N; n++)
-        y[n] = f32_to_bf16((dot_int8(w + n * K, &f, K) - offset) * bf16_to_f32(scales[n]) + bias_at(bias, n));
-    q8_x_free(&f);
-    return 0;
+        for (int64_t n = 0; n < N; n++) {
+            float out[TILED_FROM - 1];
+            switch (M) {  // a copy per count of rows, the accumulators in registers
+                case 1: dot_int8(w + n * K, f, K, 1, out); break;
+                case 2: dot_int8(w + n * K, f, K, 2, out); break;
+                case 3: dot_int8(w + n * K, f, K, 3, out); break;
+                default: dot_int8(w + n * K, f, K, 4, out); break;
+            }
+            for (int64_t m = 0; m < M; m++)
+                y[m * N + n] = f[m].finite ? f32_to_bf16((out[m] - offset[m]) * bf16_to_f32(scales[n]) + bias_at(bias, n))
+                                           : 0x7FC0;
+        }
+    }
+    for (int64_t m = 0; m < made; m++) q8_x_free(&f[m]);
+    return made == M ? 0 : OUT_OF_MEMORY;
 }
+
+#if TILED_FROM != 5
+#error "int8_row_by_row has a case for each count of rows below TILED_FROM"
+#endif
 
 // ---- int4 weights in PyTorch's CPU layout (aten._convert_weight_to_int4pack_for_cpu, AVX-512 build) ------
 //
@@ -405,7 +428,7 @@ static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, 
 }
 
 // The rows of x one at a time, each through block_int4, a block of weights (64 rows: 80 KB at K = 2560) read from
-// memory once and from the L2 cache for the other rows: for 1 to INT4_TILED_FROM - 1 rows (a decode step), where
+// memory once and from the L2 cache for the other rows: for 1 to TILED_FROM - 1 rows (a decode step), where
 // reading the weights sets the speed.
 static int int4_row_by_row(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
                            uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
@@ -443,10 +466,6 @@ static int int4_row_by_row(const uint8_t *w, const uint16_t *x, const uint16_t *
 // groups by 2-12 rows).
 #define TILE_GROUPS 2
 #define TILE_ROWS 5
-// int4 products of fewer rows (a decode step of up to 4 sequences) go row by row instead, reading each block of
-// weights once for all of them: as fast as the tiles at 5 rows, faster below. int8 ones of more than one row go
-// tiled (at 2 rows about as fast as PyTorch's int8 kernel, which took them before).
-#define INT4_TILED_FROM 5
 // unpack_int8 reads 16 rows side by side and asks for each this many bytes ahead (the hardware prefetcher follows
 // so many streams late): 2-row int8 products over 0.94 GB of weights 45 -> 36 ms
 #define INT8_AHEAD 1024
@@ -657,8 +676,8 @@ static int tiled_product(int int4, const void *w, const uint16_t *x, const uint1
 // y (M, N) = x (M, K) W^T + bias for an int8 weight (N, K) with one scale per row, any M >= 1
 int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
               int64_t N, int64_t K, int64_t M) {
-    if (M > 1) return tiled_product(0, w, x, scales, bias, y, N, N, K, K, M);
-    return int8_one_row(w, x, scales, bias, y, N, K);
+    if (M >= TILED_FROM) return tiled_product(0, w, x, scales, bias, y, N, N, K, K, M);
+    return int8_row_by_row(w, x, scales, bias, y, N, K, M);
 }
 
 // y (M, n_out) = x (M, K) W^T + bias for an int4 weight, any M >= 1 (a decode step, of one sequence or of a batch;
@@ -667,10 +686,10 @@ int gemv_int8(const int8_t *w, const uint16_t *x, const uint16_t *scales, const 
 // of NaN, as a float product would.
 int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
               uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
-    if (M >= INT4_TILED_FROM) return tiled_product(1, w, x, scales, bias, y, N, n_out, K, group, M);
+    if (M >= TILED_FROM) return tiled_product(1, w, x, scales, bias, y, N, n_out, K, group, M);
     return int4_row_by_row(w, x, scales, bias, y, N, n_out, K, group, M);
 }
-#if INT4_TILED_FROM > FEW_ROWS + 1
+#if TILED_FROM > FEW_ROWS + 1
 #error "int4_row_by_row takes at most FEW_ROWS rows"
 #endif
 

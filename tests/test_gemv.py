@@ -137,17 +137,20 @@ def test_int4_kernels_take_any_number_of_rows(rows, in_features, out_features, g
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [2, 5, 13, 40])
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 13, 40])  # up to 4 row by row, then in tiles of 5 rows
 @pytest.mark.parametrize(("in_features", "out_features"), [(256, 64), (1000, 200), (6000, 17), (65, 130)])
 def test_int8_kernels_take_any_number_of_rows(rows, in_features, out_features, monkeypatch):
-    """Several rows go tiled: the weight rows 64 at a time (the last block partial here but for 64 outputs) and the
-    columns 64 at a time (a partial last one but for 256), each row of x with its own 8-bit activations."""
+    """Each row of x with its own 8-bit activations; tiled, the weight rows 64 at a time (the last block partial
+    here but for 64 outputs) and the columns 64 at a time (a partial last one but for 256); row by row (up to 4
+    rows) bit for bit the one-row product."""
     spy = Spy(monkeypatch, "linear_int8")
     q = Int8Linear.from_linear(_bf16_linear(in_features, out_features))
     x = torch.randn(1, rows, in_features).to(torch.bfloat16) * 4
     y = q(x)
     assert spy.calls == 1 and y.shape == (1, rows, out_features)
     _assert_close(y, F.linear(torch.stack([_x8(row) for row in x[0]]), q.dequantize(), q.bias.float()))
+    if rows < 5:
+        assert torch.equal(y[:, 1], q(x[:, 1:2])[:, 0])
 
 
 def _quantized(kind: str, in_features: int, out_features: int):
