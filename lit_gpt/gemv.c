@@ -42,6 +42,11 @@ static inline __mmask16 first_lanes(int64_t left) {
     return _cvtu32_mask16(left >= 16 ? 0xFFFFu : left <= 0 ? 0u : (1u << left) - 1u);
 }
 
+// the first `left` of 64 bytes (all for left >= 64; left > 0): a loop's last, partial vector of bytes
+static inline __mmask64 first_bytes(int64_t left) {
+    return left >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << left) - 1);
+}
+
 static inline __m512 widen_bf16x16(__m256i h) {  // 16 bf16 values as fp32 (exact)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
@@ -311,8 +316,7 @@ static inline __attribute__((always_inline)) void dot_int8(const int8_t *w, cons
         }
     }
     for (; k < K; k += 64) {  // past K the weights load as 0 (128 after the flip) and meet zero activations
-        __mmask64 mk = K - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (K - k)) - 1);
-        __m512i u0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + k), flip);
+        __m512i u0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(first_bytes(K - k), w + k), flip);
         for (int m = 0; m < M; m++) {
             __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u0, _mm512_load_si512(f[m].q + k));
             acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_load_ps(f[m].lanes + k / 4), acc[m]);
@@ -494,7 +498,7 @@ static void unpack_int8(const int8_t *w, const uint16_t *scales, int64_t N, int6
                         unpacked *u) {
     for (int i = 0; i < 4; i++)
         for (int64_t k0 = 0; k0 < Kx; k0 += 64) {
-            __mmask64 cols = K - k0 >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (K - k0)) - 1);
+            __mmask64 cols = first_bytes(K - k0);
             __m512i r[16], t[16], v[16];
             for (int j = 0; j < 16; j++) {
                 int64_t n = n0 + 16 * i + j;
@@ -611,9 +615,8 @@ static int tiled_product(int int4, const void *w, const uint16_t *x, const uint1
                 continue;
             }
             for (int64_t k = 0; k < Kx; k += 64) {  // (int4's Kx: a multiple of 32 only)
-                __mmask64 mk = Kx - k >= 64 ? ~(__mmask64)0 : _cvtu64_mask64(((uint64_t)1 << (Kx - k)) - 1);
                 __m512i q = _mm512_xor_si512(_mm512_load_si512(f.q + k), _mm512_set1_epi8((char)0x80));
-                _mm512_mask_storeu_epi8(xu + m * Kx + k, mk, q);
+                _mm512_mask_storeu_epi8(xu + m * Kx + k, first_bytes(Kx - k), q);
             }
             memcpy(steps + m * xblocks, f.step, xblocks * sizeof(float));
             finite[m] = (uint8_t)f.finite;
