@@ -7,7 +7,8 @@ The kernels (measured with scripts/bench_kernels.py; see the numbers there):
 - int8, per output channel, symmetric: `W ~ q * scale[n]`, q in [-127, 127].
   CPU: bf16 rows (a decode step, a prompt) go through our gemv.c kernels where they build (AVX-512
   BF16/VNNI/VBMI), which round the activations to 8 bits per block of 32 (as llama.cpp's q8_0 does) and multiply
-  with integer dot products; otherwise `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations).
+  with integer dot products; otherwise `aten._weight_int8pack_mm` (stock PyTorch; bf16/fp16/fp32 activations),
+  and for a prompt of bf16 rows the bf16 matrix product on tiles of the dequantized weight (DEQUANTIZED_MIN_ROWS).
   CUDA and others: `F.linear(x, q.to(x.dtype)) * scale`, the pattern that inductor turns into a
   fused kernel under torch.compile (gpt-fast's int8 path); eager it is correct but not fast.
 - int4, group-wise, symmetric (as llama.cpp's q4_0): `W ~ (q - 8) * scale[n, g]`, q in [0, 15], one scale per
@@ -51,6 +52,13 @@ aten = torch.ops.aten
 _CHUNK_ELEMENTS = 1 << 20
 # Unpacking int4 (state_dict, dequantize) caches an index per chunk shape (4 MB each).
 _UNPACK_CHUNK_ELEMENTS = 1 << 20
+
+# Without our kernels (another CPU, LIT_GPT_GEMV=0), an int8 product of this many bf16 rows or more (a prompt)
+# multiplies by the weight dequantized to bf16 with the bf16 matrix product, PyTorch's int8 kernel being several
+# times slower on many rows (phi-2's fc1 at 480 rows: 92 against 28 ms); a tile of _TILE_ELEMENTS weights at a
+# time, so memory grows by one tile (8 MB), not by a bf16 copy of the layer.
+DEQUANTIZED_MIN_ROWS = 16
+_TILE_ELEMENTS = 1 << 22
 
 def check_int4_group_size(group_size: int) -> None:
     """A UserError unless both int4 kernels (CPU, tinygemm) take this group size."""
@@ -161,7 +169,9 @@ class Int8Linear(nn.Module):
             return y
         x2 = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
-        if x.device.type == "cpu":
+        if self._by_dequantized_tiles(x2):
+            y = self._dequantized_product(x2.contiguous())
+        elif x.device.type == "cpu":
             with gemv.pytorch_fallback(x, one_row=x2.shape[0] == 1):
                 y = aten._weight_int8pack_mm(x2.contiguous(), self.weight, scales)
         else:
@@ -172,6 +182,20 @@ class Int8Linear(nn.Module):
     def decode_matrix(self) -> Optional[gemv.Matrix]:
         """The weight as gemv.decode_blocks reads it; None where the kernels cannot."""
         return gemv.int8_matrix(self.weight, self.scales, self.bias)
+
+    def _by_dequantized_tiles(self, x2: torch.Tensor) -> bool:
+        return (x2.shape[0] >= DEQUANTIZED_MIN_ROWS and x2.is_cpu and x2.dtype == self.scales.dtype == torch.bfloat16
+                and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x2.requires_grad))
+
+    def _dequantized_product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, in_features) times dequantize(torch.bfloat16).T, the weight dequantized a tile of rows at a time
+        (q * scale, bf16 times bf16, is exact in fp32 and rounded to bf16 once, as dequantize does)."""
+        step = max(1, _TILE_ELEMENTS // self.in_features)
+        y = x2.new_empty(x2.shape[0], self.out_features)
+        for start in range(0, self.out_features, step):
+            rows = slice(start, start + step)
+            y[:, rows] = x2 @ torch.mul(self.weight[rows].to(torch.bfloat16), self.scales[rows, None]).t()
+        return y
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

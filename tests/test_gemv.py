@@ -189,6 +189,32 @@ def test_quantized_kernels_pass_a_nan_or_infinite_activation_on(kind, bad):
         assert torch.isnan(y[rows // 2]).all() and not torch.isnan(torch.cat([y[: rows // 2], y[rows // 2 + 1:]])).any()
 
 
+def test_int8_prompt_without_the_kernels_multiplies_by_bf16_tiles_of_the_dequantized_weight(monkeypatch):
+    """Where our kernels decline (another CPU, LIT_GPT_GEMV=0), an int8 layer given DEQUANTIZED_MIN_ROWS rows or more
+    computes x @ dequantize(bf16).T with the bf16 matrix product, a tile of rows at a time (here 128 + 128 + 64
+    rows), not through PyTorch's int8 kernel; fewer rows take that kernel. Both agree with the dequantized
+    reference."""
+    monkeypatch.setattr(gemv, "linear_int8", lambda *args: None)
+    monkeypatch.setattr(quantize, "_TILE_ELEMENTS", 128 * 512)
+    q = _quantized("int8", 512, 320)
+    x = torch.randn(2, quantize.DEQUANTIZED_MIN_ROWS, 512).to(torch.bfloat16)
+    ref = F.linear(x.float(), q.dequantize(torch.bfloat16).float(), q.bias.float())
+    few = x[:1, : quantize.DEQUANTIZED_MIN_ROWS - 1]
+    _assert_close(q(few), ref[:1, : quantize.DEQUANTIZED_MIN_ROWS - 1])  # PyTorch's int8 kernel
+
+    class NoInt8Kernel:
+        def __getattr__(self, name):
+            raise AssertionError(f"aten.{name} called")
+
+    tiles, mul = [], torch.mul
+    monkeypatch.setattr(quantize, "aten", NoInt8Kernel())
+    monkeypatch.setattr(torch, "mul", lambda *args, **kw: tiles.append(args[0].shape[0]) or mul(*args, **kw))
+    with torch.inference_mode():
+        y = q(x)
+    assert tiles == [128, 128, 64] and y.shape == (2, quantize.DEQUANTIZED_MIN_ROWS, 320)
+    _assert_close(y, ref)
+
+
 @needs_kernels
 def test_int4_rows_not_a_multiple_of_64_take_pytorchs_kernel(monkeypatch):
     spy = Spy(monkeypatch, "linear_int4")
