@@ -436,7 +436,7 @@ static void block_int4(const uint8_t *w, const uint16_t *scales, const q8_x *f, 
 // reading the weights sets the speed.
 static int int4_row_by_row(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const uint16_t *bias,
                            uint16_t *y, int64_t N, int64_t n_out, int64_t K, int64_t group, int64_t M) {
-    q8_x f[FEW_ROWS];
+    q8_x f[TILED_FROM - 1];
     int64_t made = 0;
     for (; made < M; made++)
         if (!q8_x_make(&f[made], x + made * K, K)) break;
@@ -692,9 +692,6 @@ int gemv_int4(const uint8_t *w, const uint16_t *x, const uint16_t *scales, const
     if (M >= TILED_FROM) return tiled_product(1, w, x, scales, bias, y, N, n_out, K, group, M);
     return int4_row_by_row(w, x, scales, bias, y, N, n_out, K, group, M);
 }
-#if TILED_FROM > FEW_ROWS + 1
-#error "int4_row_by_row takes at most FEW_ROWS rows"
-#endif
 
 // ---- attention of one new token over the cached keys and values -----------------------------------------
 //

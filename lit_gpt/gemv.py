@@ -3,7 +3,9 @@
 A decode step multiplies one row of activations by every weight matrix, so its speed is how fast the
 weights stream from memory. PyTorch's CPU kernels stream bf16 weights at ~60-75% of the read bandwidth
 on these machines and its packed int8 kernel does worse; gemv.c reads each weight row once, front to
-back, and reaches about the bandwidth (scripts/bench_kernels.py compares them).
+back, and reaches about the bandwidth (scripts/bench_kernels.py compares them). The int8 and int4 products also
+take a prompt's many rows, where arithmetic sets the speed: integer dot products on tiles of 5 rows (gemv.c's
+tiled_product).
 
 One call per operation: `linear_bf16`, `linear_int8`, `linear_int4`, `attend_one`, `attend_decode`, `gelu_tanh`,
 `silu_mul`, `layer_norm`, `rms_norm` and `decode_blocks` (a decode step through all of a model's blocks) return the
