@@ -208,10 +208,11 @@ def test_int8_prompt_without_the_kernels_multiplies_by_bf16_tiles_of_the_dequant
 
     tiles, mul = [], torch.mul
     monkeypatch.setattr(quantize, "aten", NoInt8Kernel())
-    monkeypatch.setattr(torch, "mul", lambda *args, **kw: tiles.append(args[0].shape[0]) or mul(*args, **kw))
+    monkeypatch.setattr(torch, "mul", lambda *args, **kw: tiles.append(mul(*args, **kw)) or tiles[-1])
     with torch.inference_mode():
         y = q(x)
-    assert tiles == [128, 128, 64] and y.shape == (2, quantize.DEQUANTIZED_MIN_ROWS, 320)
+    assert [len(tile) for tile in tiles] == [128, 128, 64] and y.shape == (2, quantize.DEQUANTIZED_MIN_ROWS, 320)
+    assert torch.equal(torch.cat(tiles), q.dequantize(torch.bfloat16))  # the tiles: dequantize's bf16, exactly
     _assert_close(y, ref)
 
 
